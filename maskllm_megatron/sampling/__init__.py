@@ -1,0 +1,128 @@
+"""Differentiable N:M mask sampling (MaskLLM): ``W * (softmax((kappa*logits + g)/tau) @ candidates)``.
+
+For a weight shard ``W`` ``[out, in]`` with mask logits ``[out, in // M, C]`` (fp32):
+
+* ``y = softmax((kappa * logits + g) / tau)`` per group, ``g`` Gumbel noise keyed as in
+  :mod:`.noise` (so every tensor-parallel layout draws the same sample);
+* soft mask ``= y @ candidates`` (``hard=True``: the argmax candidate in the forward pass,
+  gradients through the soft ``y``: straight-through Gumbel);
+* output ``W * mask`` in W's dtype, and the regulariser ``sum((W * mask)**2)`` from the same pass.
+
+Backends compute the same function: the Triton kernel (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``), the fused C++ kernel (CPU), and the chunked PyTorch path (any device,
+float64 too). None of them stores the noise or the soft index for backward: it is recomputed
+from the key. The weight gets a gradient only when it requires one (joint fine-tuning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..nm import NMPattern, as_pattern, check_logits, hard_mask_from_logits
+from . import cpu_kernel, torch_path, triton_kernel
+from .noise import NoiseKey, ShardGroups
+
+BACKENDS = ("auto", "triton", "cpu", "torch")
+
+__all__ = ["BACKENDS", "NoiseKey", "SampleSpec", "ShardGroups", "hard_masked_weight",
+           "sample_masked_weight", "select_backend"]
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything a backend needs besides the tensors. ``key`` is the 64-bit Philox key."""
+
+    pattern: NMPattern
+    tau: float
+    kappa: float
+    key: int
+    shard: ShardGroups = field(default_factory=ShardGroups)
+    hard: bool = False
+
+
+def select_backend(weight: torch.Tensor, logits: torch.Tensor, pattern: NMPattern,
+                   backend: str = "auto") -> str:
+    """The backend that will run: an explicit choice is checked, ``auto`` picks the fastest."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown sampler backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "triton" and not triton_kernel.available(weight.device):
+        raise RuntimeError("the Triton sampler needs CUDA tensors (or TRITON_INTERPRET=1 on CPU) "
+                           "and an installed triton")
+    if backend == "cpu" and not cpu_kernel.supports(weight, logits, pattern):
+        raise RuntimeError("the C++ sampler needs CPU tensors, fp32 logits, fp32/bf16/fp16 "
+                           "weights and a C++ compiler")
+    if backend != "auto":
+        return backend
+    if weight.device.type == "cuda" and triton_kernel.available(weight.device) \
+            and logits.dtype == torch.float32:
+        return "triton"
+    if cpu_kernel.supports(weight, logits, pattern):
+        return "cpu"
+    return "torch"
+
+
+_IMPLEMENTATIONS = {"triton": triton_kernel, "cpu": cpu_kernel, "torch": torch_path}
+
+
+class _GumbelMask(torch.autograd.Function):
+    """Saves only references to the inputs (no new memory); backward recomputes from the key."""
+
+    @staticmethod
+    def forward(ctx, logits, weight, spec, backend):
+        impl = _IMPLEMENTATIONS[backend]
+        out, reg = impl.forward(weight, logits, spec)
+        ctx.save_for_backward(logits, weight)
+        ctx.spec, ctx.impl = spec, impl
+        return out, reg
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_reg):
+        logits, weight = ctx.saved_tensors
+        need_logits, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_out is None:
+            grad_out = torch.zeros_like(weight)
+        if ctx.impl is cpu_kernel:  # the C++ kernel takes d reg as a plain float
+            grad_reg = 0.0 if grad_reg is None else float(grad_reg)
+        grad_logits, grad_weight = ctx.impl.backward(grad_out, grad_reg, weight, logits,
+                                                     ctx.spec, need_weight)
+        return (grad_logits if need_logits else None), grad_weight, None, None
+
+
+def sample_masked_weight(
+    weight: torch.Tensor,
+    logits: torch.Tensor,
+    pattern: NMPattern | tuple[int, int] | str,
+    *,
+    tau: float,
+    kappa: float,
+    key: NoiseKey | int,
+    shard: ShardGroups | None = None,
+    hard: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample a mask and apply it: returns ``(W * mask, sum((W * mask)**2))``.
+
+    ``weight`` ``[out, in]`` (frozen unless it requires grad), ``logits`` ``[out, in // M, C]``;
+    ``shard`` places a tensor-parallel shard in the unsharded layer; ``key`` selects the noise.
+    """
+    pattern = as_pattern(pattern)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out, in], got shape {list(weight.shape)}")
+    check_logits(logits, pattern, weight_shape=weight.shape)
+    if tau <= 0:
+        raise ValueError(f"Gumbel temperature tau must be positive, got {tau}")
+    philox_key = key.philox_key() if isinstance(key, NoiseKey) else int(key)
+    resolved = (shard or ShardGroups()).resolve(weight.shape[0], logits.shape[1])
+    spec = SampleSpec(pattern, float(tau), float(kappa), philox_key, resolved, bool(hard))
+    chosen = select_backend(weight, logits, pattern, backend)
+    return _GumbelMask.apply(logits, weight, spec, chosen)
+
+
+def hard_masked_weight(weight: torch.Tensor, logits: torch.Tensor,
+                       pattern: NMPattern | tuple[int, int] | str) -> torch.Tensor:
+    """Eval mode: ``W * mask`` of each group's argmax candidate, no noise (no logits gradient)."""
+    pattern = as_pattern(pattern)
+    check_logits(logits, pattern, weight_shape=weight.shape)
+    return weight * hard_mask_from_logits(logits.detach(), pattern).to(weight.dtype)

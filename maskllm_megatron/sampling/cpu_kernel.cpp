@@ -1,0 +1,246 @@
+// Fused Gumbel-softmax N:M mask sampling for CPU (OpenMP). Same function as the Triton kernel
+// and the PyTorch path in this package; see noise.py for the noise layout and __init__.py for
+// the math. Built on first use by cpu_kernel.py and called through ctypes on raw pointers.
+//
+// Forward:  y = softmax((kappa * logits + g) / tau)   (hard: one-hot of argmax, straight-through)
+//           mask = y @ candidates, out = W * mask, reg_rows[r] = sum over row r of (W * mask)^2
+// Backward: recomputes y from the same keys; writes d(logits) and optionally d(W).
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+constexpr int kTile = 64;       // groups processed together (vectorised over this axis)
+constexpr int kMaxC = 128;      // candidates
+constexpr int kMaxM = 16;       // group size
+
+// ---- element types: 0 = float32, 1 = bfloat16, 2 = float16
+struct BF16 { uint16_t bits; };
+
+inline float to_float(float x) { return x; }
+inline float to_float(BF16 x) {
+  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_float(_Float16 x) { return static_cast<float>(x); }
+
+template <typename T> inline T from_float(float x);
+template <> inline float from_float<float>(float x) { return x; }
+template <> inline _Float16 from_float<_Float16>(float x) { return static_cast<_Float16>(x); }
+template <> inline BF16 from_float<BF16>(float x) {  // round to nearest even, like torch
+  uint32_t u;
+  __builtin_memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return BF16{static_cast<uint16_t>((u >> 16) | 0x40)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return BF16{static_cast<uint16_t>(u >> 16)};
+}
+
+// ---- Random123 Philox4x32-10, bit-identical to triton.language.philox (scalar state so that
+// the loop over groups vectorises)
+inline void philox(uint32_t k0, uint32_t k1, uint32_t& c0, uint32_t& c1, uint32_t& c2,
+                   uint32_t& c3) {
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+struct Params {
+  int64_t rows, gpr;                     // local shard: rows x groups-per-row
+  int C, N, M;
+  int64_t row_offset, gcol_offset, groups_per_row;  // global group index layout
+  uint32_t k0, k1;
+  float kappa, tau;
+  int hard;
+  const int64_t* positions;              // [C, N] kept positions of each candidate
+};
+
+// z = (kappa * logits + g) / tau for nt groups starting at local flat group g0, then the soft
+// index y (softmax over candidates) and the argmax. y is laid out [C][kTile].
+inline void soft_index(const Params& p, const float* logits, int64_t g0, int nt,
+                       float (*y)[kTile], int* argmax) {
+  const int64_t r = g0 / p.gpr, j = g0 % p.gpr;  // tiles never cross a row
+  const int64_t qbase = (p.row_offset + r) * p.groups_per_row + p.gcol_offset + j;
+  const float inv_tau = 1.0f / p.tau;
+  for (int block = 0; 4 * block < p.C; ++block) {
+    uint32_t words[4][kTile];
+#pragma omp simd
+    for (int i = 0; i < nt; ++i) {
+      const uint64_t q = static_cast<uint64_t>(qbase + i);
+      uint32_t c0 = static_cast<uint32_t>(q), c1 = static_cast<uint32_t>(q >> 32);
+      uint32_t c2 = static_cast<uint32_t>(block), c3 = 0u;
+      philox(p.k0, p.k1, c0, c1, c2, c3);
+      words[0][i] = c0; words[1][i] = c1; words[2][i] = c2; words[3][i] = c3;
+    }
+    for (int lane = 0; lane < 4 && 4 * block + lane < p.C; ++lane) {
+      const int cand = 4 * block + lane;
+#pragma omp simd
+      for (int i = 0; i < nt; ++i) {
+        const float u = (static_cast<float>(words[lane][i] >> 9) + 0.5f) * 1.1920928955078125e-07f;
+        const float g = -logf(-logf(u));
+        y[cand][i] = (p.kappa * logits[(g0 + i) * p.C + cand] + g) * inv_tau;
+      }
+    }
+  }
+  float zmax[kTile], total[kTile];
+  for (int i = 0; i < nt; ++i) { zmax[i] = y[0][i]; argmax[i] = 0; total[i] = 0.f; }
+  for (int c = 1; c < p.C; ++c)
+    for (int i = 0; i < nt; ++i)
+      if (y[c][i] > zmax[i]) { zmax[i] = y[c][i]; argmax[i] = c; }
+  for (int c = 0; c < p.C; ++c) {
+#pragma omp simd
+    for (int i = 0; i < nt; ++i) {
+      y[c][i] = expf(y[c][i] - zmax[i]);
+      total[i] += y[c][i];
+    }
+  }
+  for (int c = 0; c < p.C; ++c)
+#pragma omp simd
+    for (int i = 0; i < nt; ++i) y[c][i] /= total[i];
+}
+
+// masks of the tile, [M][kTile] (soft: y @ candidates; hard: the argmax candidate)
+inline void tile_mask(const Params& p, float (*y)[kTile], const int* argmax, int nt,
+                      float (*m)[kTile]) {
+  for (int k = 0; k < p.M; ++k)
+    for (int i = 0; i < nt; ++i) m[k][i] = 0.f;
+  if (p.hard) {
+    for (int i = 0; i < nt; ++i)
+      for (int n = 0; n < p.N; ++n) m[p.positions[argmax[i] * p.N + n]][i] = 1.f;
+    return;
+  }
+  for (int c = 0; c < p.C; ++c)
+    for (int n = 0; n < p.N; ++n) {
+      float* mk = m[p.positions[c * p.N + n]];
+#pragma omp simd
+      for (int i = 0; i < nt; ++i) mk[i] += y[c][i];
+    }
+}
+
+template <typename T>
+void forward(const Params& p, const T* w, const float* logits, T* out, double* reg_rows,
+             int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t r = 0; r < p.rows; ++r) {
+    float y[kMaxC][kTile];
+    float m[kMaxM][kTile];
+    int argmax[kTile];
+    double reg = 0.0;
+    for (int64_t j0 = 0; j0 < p.gpr; j0 += kTile) {
+      const int nt = static_cast<int>(p.gpr - j0 < kTile ? p.gpr - j0 : kTile);
+      const int64_t g0 = r * p.gpr + j0;
+      soft_index(p, logits, g0, nt, y, argmax);
+      tile_mask(p, y, argmax, nt, m);
+      for (int i = 0; i < nt; ++i) {
+        const int64_t base = (g0 + i) * p.M;
+        for (int k = 0; k < p.M; ++k) {
+          const float o = to_float(w[base + k]) * m[k][i];
+          out[base + k] = from_float<T>(o);
+          reg += static_cast<double>(o) * o;
+        }
+      }
+    }
+    reg_rows[r] = reg;
+  }
+}
+
+template <typename T>
+void backward(const Params& p, const T* grad_out, const T* w, const float* logits,
+              float grad_reg, float* grad_logits, T* grad_w, int nthreads) {
+  const float scale = p.kappa / p.tau;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t r = 0; r < p.rows; ++r) {
+    float y[kMaxC][kTile], dy[kMaxC][kTile];
+    float m[kMaxM][kTile], dm[kMaxM][kTile];
+    int argmax[kTile];
+    for (int64_t j0 = 0; j0 < p.gpr; j0 += kTile) {
+      const int nt = static_cast<int>(p.gpr - j0 < kTile ? p.gpr - j0 : kTile);
+      const int64_t g0 = r * p.gpr + j0;
+      soft_index(p, logits, g0, nt, y, argmax);
+      tile_mask(p, y, argmax, nt, m);
+      for (int i = 0; i < nt; ++i) {
+        const int64_t base = (g0 + i) * p.M;
+        for (int k = 0; k < p.M; ++k) {
+          const float wk = to_float(w[base + k]), gk = to_float(grad_out[base + k]);
+          const float mk = m[k][i];
+          dm[k][i] = gk * wk + 2.f * grad_reg * wk * wk * mk;
+          if (grad_w) grad_w[base + k] = from_float<T>(gk * mk + 2.f * grad_reg * wk * mk * mk);
+        }
+      }
+      float s[kTile];
+      for (int i = 0; i < nt; ++i) s[i] = 0.f;
+      for (int c = 0; c < p.C; ++c) {
+        float* dyc = dy[c];
+        for (int i = 0; i < nt; ++i) dyc[i] = 0.f;
+        for (int n = 0; n < p.N; ++n) {
+          const float* dmk = dm[p.positions[c * p.N + n]];
+#pragma omp simd
+          for (int i = 0; i < nt; ++i) dyc[i] += dmk[i];
+        }
+#pragma omp simd
+        for (int i = 0; i < nt; ++i) s[i] += y[c][i] * dyc[i];
+      }
+      for (int i = 0; i < nt; ++i) {
+        float* dl = grad_logits + (g0 + i) * p.C;
+        for (int c = 0; c < p.C; ++c) dl[c] = scale * y[c][i] * (dy[c][i] - s[i]);
+      }
+    }
+  }
+}
+
+Params make_params(int64_t rows, int64_t gpr, int C, int N, int M, int64_t row_offset,
+                   int64_t gcol_offset, int64_t groups_per_row, uint64_t key, float kappa,
+                   float tau, int hard, const int64_t* positions) {
+  return Params{rows, gpr, C, N, M, row_offset, gcol_offset, groups_per_row,
+                static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32), kappa, tau, hard,
+                positions};
+}
+
+}  // namespace
+
+extern "C" {
+
+int maskllm_limits(int which) { return which == 0 ? kMaxC : kMaxM; }
+
+int maskllm_gumbel_forward(const void* w, int dtype, const float* logits, const int64_t* positions,
+                           int64_t rows, int64_t gpr, int C, int N, int M, int64_t row_offset,
+                           int64_t gcol_offset, int64_t groups_per_row, uint64_t key, float kappa,
+                           float tau, int hard, void* out, double* reg_rows, int nthreads) {
+  if (C > kMaxC || M > kMaxM) return 1;
+  const Params p = make_params(rows, gpr, C, N, M, row_offset, gcol_offset, groups_per_row, key,
+                               kappa, tau, hard, positions);
+  switch (dtype) {
+    case 0: forward(p, static_cast<const float*>(w), logits, static_cast<float*>(out), reg_rows, nthreads); return 0;
+    case 1: forward(p, static_cast<const BF16*>(w), logits, static_cast<BF16*>(out), reg_rows, nthreads); return 0;
+    case 2: forward(p, static_cast<const _Float16*>(w), logits, static_cast<_Float16*>(out), reg_rows, nthreads); return 0;
+    default: return 2;
+  }
+}
+
+int maskllm_gumbel_backward(const void* grad_out, const void* w, int dtype, const float* logits,
+                            const int64_t* positions, int64_t rows, int64_t gpr, int C, int N,
+                            int M, int64_t row_offset, int64_t gcol_offset, int64_t groups_per_row,
+                            uint64_t key, float kappa, float tau, int hard, float grad_reg,
+                            float* grad_logits, void* grad_w, int nthreads) {
+  if (C > kMaxC || M > kMaxM) return 1;
+  const Params p = make_params(rows, gpr, C, N, M, row_offset, gcol_offset, groups_per_row, key,
+                               kappa, tau, hard, positions);
+  switch (dtype) {
+    case 0: backward(p, static_cast<const float*>(grad_out), static_cast<const float*>(w), logits, grad_reg, grad_logits, static_cast<float*>(grad_w), nthreads); return 0;
+    case 1: backward(p, static_cast<const BF16*>(grad_out), static_cast<const BF16*>(w), logits, grad_reg, grad_logits, static_cast<BF16*>(grad_w), nthreads); return 0;
+    case 2: backward(p, static_cast<const _Float16*>(grad_out), static_cast<const _Float16*>(w), logits, grad_reg, grad_logits, static_cast<_Float16*>(grad_w), nthreads); return 0;
+    default: return 2;
+  }
+}
+
+}  // extern "C"
