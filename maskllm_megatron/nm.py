@@ -69,12 +69,12 @@ class NMPattern:
         return _candidate_positions(self.n, self.m).clone()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _candidate_positions(n: int, m: int) -> torch.Tensor:
     return torch.tensor(list(itertools.combinations(range(m), n)), dtype=torch.int64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _candidate_table(n: int, m: int) -> torch.Tensor:
     pos = _candidate_positions(n, m)
     table = torch.zeros(pos.shape[0], m, dtype=torch.uint8)
@@ -82,7 +82,7 @@ def _candidate_table(n: int, m: int) -> torch.Tensor:
     return table
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_to_candidate(n: int, m: int) -> torch.Tensor:
     """``[2**M]`` int64: a group's bit pattern (bit k = position k kept) -> candidate, or -1."""
     lut = torch.full((1 << m,), -1, dtype=torch.int64)
@@ -229,7 +229,7 @@ def apply_prior(
 # ----------------------------------------------------------------------------- packing
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def packing_layout(num_candidates: int) -> tuple[int, int]:
     """``(word_bytes, groups_per_word)``: mixed-radix words that waste the fewest bits per group.
 

@@ -1,4 +1,4 @@
-"""Annealing schedules for the Gumbel temperature tau (4 -> 0.05) and logit scale kappa (1e2 -> 5e2).
+"""Annealing schedules: Gumbel temperature tau (4 -> 0.05) and logit scale kappa (1e2 -> 5e2).
 
 Pure functions of the iteration, so a resumed run recomputes exactly the value an uninterrupted
 run had (no schedule state to checkpoint).
@@ -41,7 +41,8 @@ class GumbelSchedule:
         if min(self.tau_range) <= 0:
             raise ValueError(f"Gumbel temperatures must be positive, got {self.tau_range}")
         if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"unknown schedule {self.kind!r}; choose from {', '.join(SCHEDULE_KINDS)}")
+            raise ValueError(
+                f"unknown schedule {self.kind!r}; choose from {', '.join(SCHEDULE_KINDS)}")
 
     def tau(self, iteration: int) -> float:
         return anneal(*self.tau_range, iteration, self.total_iters, self.kind)

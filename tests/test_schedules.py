@@ -19,7 +19,7 @@ def test_clamped_outside_training_and_monotonic():
     assert anneal(1.0, 2.0, 50, 10) == 2.0
     for kind in ("linear", "cosine"):
         values = [anneal(4.0, 0.05, t, 40, kind) for t in range(41)]
-        assert all(a >= b for a, b in zip(values, values[1:]))
+        assert all(a >= b for a, b in zip(values[:-1], values[1:], strict=True))
 
 
 def test_default_schedule_follows_the_original_recipe():

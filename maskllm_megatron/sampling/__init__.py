@@ -1,4 +1,4 @@
-"""Differentiable N:M mask sampling (MaskLLM): ``W * (softmax((kappa*logits + g)/tau) @ candidates)``.
+"""Differentiable N:M mask sampling: ``W * (softmax((kappa*logits + g)/tau) @ candidates)``.
 
 For a weight shard ``W`` ``[out, in]`` with mask logits ``[out, in // M, C]`` (fp32):
 

@@ -3,7 +3,7 @@
 // the math. Built on first use by cpu_kernel.py and called through ctypes on raw pointers.
 //
 // Forward:  y = softmax((kappa * logits + g) / tau)   (hard: one-hot of argmax, straight-through)
-//           mask = y @ candidates, out = W * mask, reg_rows[r] = sum over row r of (W * mask)^2
+//           mask = y @ candidates, out = W * mask, reg_tiles[t] = sum over tile t of (W * mask)^2
 // Backward: recomputes y from the same keys; writes d(logits) and optionally d(W).
 #include <cmath>
 #include <cstdint>
@@ -65,19 +65,31 @@ struct Params {
   const int64_t* positions;              // [C, N] kept positions of each candidate
 };
 
-// z = (kappa * logits + g) / tau for nt groups starting at local flat group g0, then the soft
-// index y (softmax over candidates) and the argmax. y is laid out [C][kTile].
+// z = (kappa * logits + g) / tau for the nt groups starting at local flat group g0, then the soft
+// index y (softmax over candidates) and the argmax. y is laid out [C][kTile]. Every loop runs the
+// full kTile lanes (lanes past nt repeat the last group) so each group takes the same vector code
+// path wherever it sits: results are bitwise independent of the shard layout.
 inline void soft_index(const Params& p, const float* logits, int64_t g0, int nt,
                        float (*y)[kTile], int* argmax) {
-  const int64_t r = g0 / p.gpr, j = g0 % p.gpr;  // tiles never cross a row
-  const int64_t qbase = (p.row_offset + r) * p.groups_per_row + p.gcol_offset + j;
+  int64_t q[kTile], local[kTile];
+  int64_t r = g0 / p.gpr, j = g0 % p.gpr;
+  for (int i = 0; i < kTile; ++i) {
+    if (i < nt) {
+      q[i] = (p.row_offset + r) * p.groups_per_row + p.gcol_offset + j;
+      local[i] = g0 + i;
+      if (++j == p.gpr) { j = 0; ++r; }
+    } else {
+      q[i] = q[nt - 1];
+      local[i] = local[nt - 1];
+    }
+  }
   const float inv_tau = 1.0f / p.tau;
   for (int block = 0; 4 * block < p.C; ++block) {
     uint32_t words[4][kTile];
 #pragma omp simd
-    for (int i = 0; i < nt; ++i) {
-      const uint64_t q = static_cast<uint64_t>(qbase + i);
-      uint32_t c0 = static_cast<uint32_t>(q), c1 = static_cast<uint32_t>(q >> 32);
+    for (int i = 0; i < kTile; ++i) {
+      const uint64_t qi = static_cast<uint64_t>(q[i]);
+      uint32_t c0 = static_cast<uint32_t>(qi), c1 = static_cast<uint32_t>(qi >> 32);
       uint32_t c2 = static_cast<uint32_t>(block), c3 = 0u;
       philox(p.k0, p.k1, c0, c1, c2, c3);
       words[0][i] = c0; words[1][i] = c1; words[2][i] = c2; words[3][i] = c3;
@@ -85,33 +97,34 @@ inline void soft_index(const Params& p, const float* logits, int64_t g0, int nt,
     for (int lane = 0; lane < 4 && 4 * block + lane < p.C; ++lane) {
       const int cand = 4 * block + lane;
 #pragma omp simd
-      for (int i = 0; i < nt; ++i) {
+      for (int i = 0; i < kTile; ++i) {
         const float u = (static_cast<float>(words[lane][i] >> 9) + 0.5f) * 1.1920928955078125e-07f;
         const float g = -logf(-logf(u));
-        y[cand][i] = (p.kappa * logits[(g0 + i) * p.C + cand] + g) * inv_tau;
+        y[cand][i] = (p.kappa * logits[local[i] * p.C + cand] + g) * inv_tau;
       }
     }
   }
   float zmax[kTile], total[kTile];
-  for (int i = 0; i < nt; ++i) { zmax[i] = y[0][i]; argmax[i] = 0; total[i] = 0.f; }
+  for (int i = 0; i < kTile; ++i) { zmax[i] = y[0][i]; argmax[i] = 0; total[i] = 0.f; }
   for (int c = 1; c < p.C; ++c)
-    for (int i = 0; i < nt; ++i)
+    for (int i = 0; i < kTile; ++i)
       if (y[c][i] > zmax[i]) { zmax[i] = y[c][i]; argmax[i] = c; }
   for (int c = 0; c < p.C; ++c) {
 #pragma omp simd
-    for (int i = 0; i < nt; ++i) {
+    for (int i = 0; i < kTile; ++i) {
       y[c][i] = expf(y[c][i] - zmax[i]);
       total[i] += y[c][i];
     }
   }
   for (int c = 0; c < p.C; ++c)
 #pragma omp simd
-    for (int i = 0; i < nt; ++i) y[c][i] /= total[i];
+    for (int i = 0; i < kTile; ++i) y[c][i] /= total[i];
 }
 
 // masks of the tile, [M][kTile] (soft: y @ candidates; hard: the argmax candidate)
-inline void tile_mask(const Params& p, float (*y)[kTile], const int* argmax, int nt,
+inline void tile_mask(const Params& p, float (*y)[kTile], const int* argmax,
                       float (*m)[kTile]) {
+  const int nt = kTile;
   for (int k = 0; k < p.M; ++k)
     for (int i = 0; i < nt; ++i) m[k][i] = 0.f;
   if (p.hard) {
@@ -128,19 +141,20 @@ inline void tile_mask(const Params& p, float (*y)[kTile], const int* argmax, int
 }
 
 template <typename T>
-void forward(const Params& p, const T* w, const float* logits, T* out, double* reg_rows,
+void forward(const Params& p, const T* w, const float* logits, T* out, double* reg_tiles,
              int nthreads) {
+  const int64_t n_groups = p.rows * p.gpr, n_tiles = (n_groups + kTile - 1) / kTile;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t r = 0; r < p.rows; ++r) {
+  for (int64_t t = 0; t < n_tiles; ++t) {
     float y[kMaxC][kTile];
     float m[kMaxM][kTile];
     int argmax[kTile];
     double reg = 0.0;
-    for (int64_t j0 = 0; j0 < p.gpr; j0 += kTile) {
-      const int nt = static_cast<int>(p.gpr - j0 < kTile ? p.gpr - j0 : kTile);
-      const int64_t g0 = r * p.gpr + j0;
+    {
+      const int64_t g0 = t * kTile;
+      const int nt = static_cast<int>(n_groups - g0 < kTile ? n_groups - g0 : kTile);
       soft_index(p, logits, g0, nt, y, argmax);
-      tile_mask(p, y, argmax, nt, m);
+      tile_mask(p, y, argmax, m);
       for (int i = 0; i < nt; ++i) {
         const int64_t base = (g0 + i) * p.M;
         for (int k = 0; k < p.M; ++k) {
@@ -150,7 +164,7 @@ void forward(const Params& p, const T* w, const float* logits, T* out, double* r
         }
       }
     }
-    reg_rows[r] = reg;
+    reg_tiles[t] = reg;
   }
 }
 
@@ -158,16 +172,17 @@ template <typename T>
 void backward(const Params& p, const T* grad_out, const T* w, const float* logits,
               float grad_reg, float* grad_logits, T* grad_w, int nthreads) {
   const float scale = p.kappa / p.tau;
+  const int64_t n_groups = p.rows * p.gpr, n_tiles = (n_groups + kTile - 1) / kTile;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t r = 0; r < p.rows; ++r) {
+  for (int64_t t = 0; t < n_tiles; ++t) {
     float y[kMaxC][kTile], dy[kMaxC][kTile];
     float m[kMaxM][kTile], dm[kMaxM][kTile];
     int argmax[kTile];
-    for (int64_t j0 = 0; j0 < p.gpr; j0 += kTile) {
-      const int nt = static_cast<int>(p.gpr - j0 < kTile ? p.gpr - j0 : kTile);
-      const int64_t g0 = r * p.gpr + j0;
+    {
+      const int64_t g0 = t * kTile;
+      const int nt = static_cast<int>(n_groups - g0 < kTile ? n_groups - g0 : kTile);
       soft_index(p, logits, g0, nt, y, argmax);
-      tile_mask(p, y, argmax, nt, m);
+      tile_mask(p, y, argmax, m);
       for (int i = 0; i < nt; ++i) {
         const int64_t base = (g0 + i) * p.M;
         for (int k = 0; k < p.M; ++k) {
@@ -177,18 +192,20 @@ void backward(const Params& p, const T* grad_out, const T* w, const float* logit
           if (grad_w) grad_w[base + k] = from_float<T>(gk * mk + 2.f * grad_reg * wk * mk * mk);
         }
       }
+      for (int i = nt; i < kTile; ++i)  // padding lanes: defined values, never stored
+        for (int k = 0; k < p.M; ++k) dm[k][i] = 0.f;
       float s[kTile];
-      for (int i = 0; i < nt; ++i) s[i] = 0.f;
+      for (int i = 0; i < kTile; ++i) s[i] = 0.f;
       for (int c = 0; c < p.C; ++c) {
         float* dyc = dy[c];
-        for (int i = 0; i < nt; ++i) dyc[i] = 0.f;
+        for (int i = 0; i < kTile; ++i) dyc[i] = 0.f;
         for (int n = 0; n < p.N; ++n) {
           const float* dmk = dm[p.positions[c * p.N + n]];
 #pragma omp simd
-          for (int i = 0; i < nt; ++i) dyc[i] += dmk[i];
+          for (int i = 0; i < kTile; ++i) dyc[i] += dmk[i];
         }
 #pragma omp simd
-        for (int i = 0; i < nt; ++i) s[i] += y[c][i] * dyc[i];
+        for (int i = 0; i < kTile; ++i) s[i] += y[c][i] * dyc[i];
       }
       for (int i = 0; i < nt; ++i) {
         float* dl = grad_logits + (g0 + i) * p.C;
@@ -210,19 +227,19 @@ Params make_params(int64_t rows, int64_t gpr, int C, int N, int M, int64_t row_o
 
 extern "C" {
 
-int maskllm_limits(int which) { return which == 0 ? kMaxC : kMaxM; }
+int maskllm_limits(int which) { return which == 0 ? kMaxC : which == 1 ? kMaxM : kTile; }
 
 int maskllm_gumbel_forward(const void* w, int dtype, const float* logits, const int64_t* positions,
                            int64_t rows, int64_t gpr, int C, int N, int M, int64_t row_offset,
                            int64_t gcol_offset, int64_t groups_per_row, uint64_t key, float kappa,
-                           float tau, int hard, void* out, double* reg_rows, int nthreads) {
+                           float tau, int hard, void* out, double* reg_tiles, int nthreads) {
   if (C > kMaxC || M > kMaxM) return 1;
   const Params p = make_params(rows, gpr, C, N, M, row_offset, gcol_offset, groups_per_row, key,
                                kappa, tau, hard, positions);
   switch (dtype) {
-    case 0: forward(p, static_cast<const float*>(w), logits, static_cast<float*>(out), reg_rows, nthreads); return 0;
-    case 1: forward(p, static_cast<const BF16*>(w), logits, static_cast<BF16*>(out), reg_rows, nthreads); return 0;
-    case 2: forward(p, static_cast<const _Float16*>(w), logits, static_cast<_Float16*>(out), reg_rows, nthreads); return 0;
+    case 0: forward(p, static_cast<const float*>(w), logits, static_cast<float*>(out), reg_tiles, nthreads); return 0;
+    case 1: forward(p, static_cast<const BF16*>(w), logits, static_cast<BF16*>(out), reg_tiles, nthreads); return 0;
+    case 2: forward(p, static_cast<const _Float16*>(w), logits, static_cast<_Float16*>(out), reg_tiles, nthreads); return 0;
     default: return 2;
   }
 }

@@ -52,7 +52,7 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, building it if needed; ``None`` when it cannot be built."""
     cxx = _compiler()
@@ -118,14 +118,15 @@ def _common_args(weight, logits, spec):
 def forward(weight: torch.Tensor, logits: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor]:
     weight, logits = weight.contiguous(), logits.contiguous()
     out = torch.empty_like(weight)
-    reg_rows = torch.empty(weight.shape[0], dtype=torch.float64)
+    tile = load().maskllm_limits(2)
+    reg_tiles = torch.empty(-(-(weight.numel() // spec.pattern.m) // tile), dtype=torch.float64)
     args, _keep = _common_args(weight, logits, spec)
     status = load().maskllm_gumbel_forward(
         weight.data_ptr(), DTYPE_CODES[weight.dtype], logits.data_ptr(), *args,
-        out.data_ptr(), reg_rows.data_ptr(), torch.get_num_threads())
+        out.data_ptr(), reg_tiles.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"maskllm CPU kernel rejected the call (status {status})")
-    return out, reg_rows.sum().to(torch.float32)
+    return out, reg_tiles.sum().to(torch.float32)
 
 
 def backward(grad_out, grad_reg, weight, logits, spec, need_weight_grad: bool):

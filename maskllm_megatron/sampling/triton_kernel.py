@@ -46,7 +46,7 @@ if triton is not None:
 
     @triton.jit
     def _noise_bits(key, q, BLOCK: tl.constexpr, CP: tl.constexpr, NB: tl.constexpr):
-        """``[BLOCK, CP]`` uint32 Philox words: column c is word ``c % 4`` of counter block c // 4."""
+        """``[BLOCK, CP]`` uint32 Philox words: column c is word c % 4 of counter block c // 4."""
         cols = tl.arange(0, CP)
         lane = cols % 4
         q_lo = (q & 0xFFFFFFFF).to(tl.uint32)
