@@ -27,7 +27,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         ("torch", torch.__version__),
         ("megatron-core", mcore),
         ("cuda available", str(torch.cuda.is_available())),
-        ("sampler: triton", "yes" if triton_kernel.available() else "no"),
+        ("sampler: triton", "yes" if triton_kernel.available() else
+         ("no (needs CUDA, or TRITON_INTERPRET=1)" if triton_kernel.triton else "not installed")),
         ("sampler: cpu (C++)", "yes" if cpu_kernel.available() else "no (PyTorch path)"),
     ]
     width = max(len(k) for k, _ in rows)

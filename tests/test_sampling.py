@@ -256,3 +256,36 @@ def test_auto_backend_on_cpu_is_the_fused_kernel():
     assert select_backend(weight, logits, pattern) == "cpu"
     assert select_backend(weight.double(), logits.double(), pattern) == "torch"
     assert math.comb(8, 4) == NMPattern(4, 8).num_candidates
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "straight-through"])
+@pytest.mark.parametrize("pattern", [NMPattern(2, 4), NMPattern(4, 8)], ids=str)
+def test_kernels_equal_the_pytorch_path_element_by_element(pattern, hard):
+    """Same noise in every backend: the fused kernels track the PyTorch path to fp32 rounding."""
+    weight, logits = random_case(pattern, rows=24, groups=40, seed=12, logit_std=0.02)
+    kw = dict(tau=0.7, kappa=300.0, key=NoiseKey(seed=3, layer=9, dp_rank=2).philox_key(),
+              hard=hard)
+    base = run("torch", weight, logits, pattern, weight_grad=True, **kw)
+    for backend in ("cpu", "triton"):
+        got = run(backend, weight, logits, pattern, weight_grad=True, **kw)
+        torch.testing.assert_close(got[0], base[0], rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(got[1], base[1], rtol=2e-6, atol=0)
+        scale = base[2].abs().max().item()
+        torch.testing.assert_close(got[2], base[2], rtol=1e-4, atol=2e-6 * scale)
+        torch.testing.assert_close(got[3], base[3], rtol=2e-6, atol=2e-6)
+
+
+def test_cpu_kernel_is_independent_of_the_thread_count():
+    pattern = NMPattern(2, 4)
+    weight, logits = random_case(pattern, rows=64, groups=50, seed=13)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run("cpu", weight, logits, pattern, tau=2.0, kappa=100.0, key=4))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)

@@ -124,11 +124,10 @@ inline void soft_index(const Params& p, const float* logits, int64_t g0, int nt,
 // masks of the tile, [M][kTile] (soft: y @ candidates; hard: the argmax candidate)
 inline void tile_mask(const Params& p, float (*y)[kTile], const int* argmax,
                       float (*m)[kTile]) {
-  const int nt = kTile;
   for (int k = 0; k < p.M; ++k)
-    for (int i = 0; i < nt; ++i) m[k][i] = 0.f;
+    for (int i = 0; i < kTile; ++i) m[k][i] = 0.f;
   if (p.hard) {
-    for (int i = 0; i < nt; ++i)
+    for (int i = 0; i < kTile; ++i)
       for (int n = 0; n < p.N; ++n) m[p.positions[argmax[i] * p.N + n]][i] = 1.f;
     return;
   }
@@ -136,7 +135,7 @@ inline void tile_mask(const Params& p, float (*y)[kTile], const int* argmax,
     for (int n = 0; n < p.N; ++n) {
       float* mk = m[p.positions[c * p.N + n]];
 #pragma omp simd
-      for (int i = 0; i < nt; ++i) mk[i] += y[c][i];
+      for (int i = 0; i < kTile; ++i) mk[i] += y[c][i];
     }
 }
 
