@@ -289,3 +289,16 @@ def test_cpu_kernel_is_independent_of_the_thread_count():
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_torch_path_chunks_do_not_change_the_result(monkeypatch):
+    from maskllm_megatron.sampling import torch_path
+
+    pattern = NMPattern(2, 4)
+    weight, logits = random_case(pattern, rows=9, groups=10, seed=14)
+    kw = dict(tau=2.0, kappa=100.0, key=6, weight_grad=True)
+    whole = run("torch", weight, logits, pattern, **kw)
+    monkeypatch.setattr(torch_path, "CHUNK_GROUPS", 7)  # one row per chunk: 9 chunks
+    chunked = run("torch", weight, logits, pattern, **kw)
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

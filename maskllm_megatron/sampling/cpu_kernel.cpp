@@ -139,28 +139,33 @@ inline void tile_mask(const Params& p, float (*y)[kTile], const int* argmax,
     }
 }
 
+// Soft index and masks of tile t; returns how many of its kTile lanes are real groups.
+inline int prepare_tile(const Params& p, const float* logits, int64_t t, float (*y)[kTile],
+                        int* argmax, float (*m)[kTile]) {
+  const int64_t n_groups = p.rows * p.gpr, g0 = t * kTile;
+  const int nt = static_cast<int>(n_groups - g0 < kTile ? n_groups - g0 : kTile);
+  soft_index(p, logits, g0, nt, y, argmax);
+  tile_mask(p, y, argmax, m);
+  return nt;
+}
+
 template <typename T>
 void forward(const Params& p, const T* w, const float* logits, T* out, double* reg_tiles,
              int nthreads) {
-  const int64_t n_groups = p.rows * p.gpr, n_tiles = (n_groups + kTile - 1) / kTile;
+  const int64_t n_tiles = (p.rows * p.gpr + kTile - 1) / kTile;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t t = 0; t < n_tiles; ++t) {
     float y[kMaxC][kTile];
     float m[kMaxM][kTile];
     int argmax[kTile];
     double reg = 0.0;
-    {
-      const int64_t g0 = t * kTile;
-      const int nt = static_cast<int>(n_groups - g0 < kTile ? n_groups - g0 : kTile);
-      soft_index(p, logits, g0, nt, y, argmax);
-      tile_mask(p, y, argmax, m);
-      for (int i = 0; i < nt; ++i) {
-        const int64_t base = (g0 + i) * p.M;
-        for (int k = 0; k < p.M; ++k) {
-          const float o = to_float(w[base + k]) * m[k][i];
-          out[base + k] = from_float<T>(o);
-          reg += static_cast<double>(o) * o;
-        }
+    const int nt = prepare_tile(p, logits, t, y, argmax, m);
+    for (int i = 0; i < nt; ++i) {
+      const int64_t base = (t * kTile + i) * p.M;
+      for (int k = 0; k < p.M; ++k) {
+        const float o = to_float(w[base + k]) * m[k][i];
+        out[base + k] = from_float<T>(o);
+        reg += static_cast<double>(o) * o;
       }
     }
     reg_tiles[t] = reg;
@@ -171,45 +176,41 @@ template <typename T>
 void backward(const Params& p, const T* grad_out, const T* w, const float* logits,
               float grad_reg, float* grad_logits, T* grad_w, int nthreads) {
   const float scale = p.kappa / p.tau;
-  const int64_t n_groups = p.rows * p.gpr, n_tiles = (n_groups + kTile - 1) / kTile;
+  const int64_t n_tiles = (p.rows * p.gpr + kTile - 1) / kTile;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t t = 0; t < n_tiles; ++t) {
     float y[kMaxC][kTile], dy[kMaxC][kTile];
     float m[kMaxM][kTile], dm[kMaxM][kTile];
     int argmax[kTile];
-    {
-      const int64_t g0 = t * kTile;
-      const int nt = static_cast<int>(n_groups - g0 < kTile ? n_groups - g0 : kTile);
-      soft_index(p, logits, g0, nt, y, argmax);
-      tile_mask(p, y, argmax, m);
-      for (int i = 0; i < nt; ++i) {
-        const int64_t base = (g0 + i) * p.M;
-        for (int k = 0; k < p.M; ++k) {
-          const float wk = to_float(w[base + k]), gk = to_float(grad_out[base + k]);
-          const float mk = m[k][i];
-          dm[k][i] = gk * wk + 2.f * grad_reg * wk * wk * mk;
-          if (grad_w) grad_w[base + k] = from_float<T>(gk * mk + 2.f * grad_reg * wk * mk * mk);
-        }
+    const int nt = prepare_tile(p, logits, t, y, argmax, m);
+    const int64_t g0 = t * kTile;
+    for (int i = 0; i < nt; ++i) {
+      const int64_t base = (g0 + i) * p.M;
+      for (int k = 0; k < p.M; ++k) {
+        const float wk = to_float(w[base + k]), gk = to_float(grad_out[base + k]);
+        const float mk = m[k][i];
+        dm[k][i] = gk * wk + 2.f * grad_reg * wk * wk * mk;
+        if (grad_w) grad_w[base + k] = from_float<T>(gk * mk + 2.f * grad_reg * wk * mk * mk);
       }
-      for (int i = nt; i < kTile; ++i)  // padding lanes: defined values, never stored
-        for (int k = 0; k < p.M; ++k) dm[k][i] = 0.f;
-      float s[kTile];
-      for (int i = 0; i < kTile; ++i) s[i] = 0.f;
-      for (int c = 0; c < p.C; ++c) {
-        float* dyc = dy[c];
-        for (int i = 0; i < kTile; ++i) dyc[i] = 0.f;
-        for (int n = 0; n < p.N; ++n) {
-          const float* dmk = dm[p.positions[c * p.N + n]];
+    }
+    for (int i = nt; i < kTile; ++i)  // padding lanes: defined values, never stored
+      for (int k = 0; k < p.M; ++k) dm[k][i] = 0.f;
+    float s[kTile];
+    for (int i = 0; i < kTile; ++i) s[i] = 0.f;
+    for (int c = 0; c < p.C; ++c) {
+      float* dyc = dy[c];
+      for (int i = 0; i < kTile; ++i) dyc[i] = 0.f;
+      for (int n = 0; n < p.N; ++n) {
+        const float* dmk = dm[p.positions[c * p.N + n]];
 #pragma omp simd
-          for (int i = 0; i < kTile; ++i) dyc[i] += dmk[i];
-        }
+        for (int i = 0; i < kTile; ++i) dyc[i] += dmk[i];
+      }
 #pragma omp simd
-        for (int i = 0; i < kTile; ++i) s[i] += y[c][i] * dyc[i];
-      }
-      for (int i = 0; i < nt; ++i) {
-        float* dl = grad_logits + (g0 + i) * p.C;
-        for (int c = 0; c < p.C; ++c) dl[c] = scale * y[c][i] * (dy[c][i] - s[i]);
-      }
+      for (int i = 0; i < kTile; ++i) s[i] += y[c][i] * dyc[i];
+    }
+    for (int i = 0; i < nt; ++i) {
+      float* dl = grad_logits + (g0 + i) * p.C;
+      for (int c = 0; c < p.C; ++c) dl[c] = scale * y[c][i] * (dy[c][i] - s[i]);
     }
   }
 }
