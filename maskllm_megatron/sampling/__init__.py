@@ -83,8 +83,6 @@ class _GumbelMask(torch.autograd.Function):
         need_logits, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_out is None:
             grad_out = torch.zeros_like(weight)
-        if ctx.impl is cpu_kernel:  # the C++ kernel takes d reg as a plain float
-            grad_reg = 0.0 if grad_reg is None else float(grad_reg)
         grad_logits, grad_weight = ctx.impl.backward(grad_out, grad_reg, weight, logits,
                                                      ctx.spec, need_weight)
         return (grad_logits if need_logits else None), grad_weight, None, None

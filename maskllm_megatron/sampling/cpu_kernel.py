@@ -132,6 +132,7 @@ def forward(weight: torch.Tensor, logits: torch.Tensor, spec) -> tuple[torch.Ten
 def backward(grad_out, grad_reg, weight, logits, spec, need_weight_grad: bool):
     weight, logits = weight.contiguous(), logits.contiguous()
     grad_out = grad_out.to(weight.dtype).contiguous()
+    grad_reg = 0.0 if grad_reg is None else float(grad_reg)  # a CPU scalar: no device sync
     grad_logits = torch.empty_like(logits)
     grad_weight = torch.empty_like(weight) if need_weight_grad else None
     args, _keep = _common_args(weight, logits, spec)
