@@ -74,10 +74,10 @@ def test_uniforms_are_exact_and_strictly_inside_0_1():
 def test_every_key_field_changes_the_stream():
     base = NoiseKey(seed=1, layer=2, iteration=3, microbatch=4, dp_rank=5)
     keys = {base.philox_key()}
-    for field in ("seed", "layer", "iteration", "microbatch", "dp_rank"):
+    for field in ("seed", "layer", "iteration", "microbatch", "dp_rank", "stream"):
         changed = NoiseKey(**{**base.__dict__, field: getattr(base, field) + 1})
         keys.add(changed.philox_key())
-    assert len(keys) == 6
+    assert len(keys) == 7
     assert base.philox_key() == NoiseKey(1, 2, 3, 4, 5).philox_key()
     with pytest.raises(ValueError, match="non-negative"):
         NoiseKey(seed=-1).philox_key()

@@ -45,7 +45,8 @@ class NoiseKey:
     """Where in training a sample is drawn. Every field changes the whole noise stream.
 
     ``layer`` tells apart layers of the same shape; ``dp_rank`` makes each data-parallel replica
-    draw its own samples (the original drew identical noise on every replica).
+    draw its own samples (the original drew identical noise on every replica); ``stream``
+    separates uses (0: Gumbel sampling, 1: logit initialisation).
     """
 
     seed: int = 0
@@ -53,11 +54,13 @@ class NoiseKey:
     iteration: int = 0
     microbatch: int = 0
     dp_rank: int = 0
+    stream: int = 0
 
     def philox_key(self) -> int:
         """The 64-bit Philox key (k0 = low word, k1 = high word)."""
         h = 0
-        for field in (self.seed, self.layer, self.iteration, self.microbatch, self.dp_rank):
+        for field in (self.seed, self.layer, self.iteration, self.microbatch, self.dp_rank,
+                      self.stream):
             if field < 0:
                 raise ValueError(f"noise key fields must be non-negative, got {self}")
             h = _splitmix64(h ^ (field & MASK64))
@@ -104,6 +107,14 @@ def gumbel_noise(key: int, groups: torch.Tensor, num_candidates: int,
     """``[len(groups), C]`` Gumbel(0, 1) noise, ``-log(-log(u))`` evaluated in ``dtype``."""
     u = bits_to_uniform(noise_bits(key, groups, num_candidates)).to(dtype)
     return -torch.log(-torch.log(u))
+
+
+def counter_normal(key: int, groups: torch.Tensor, count: int) -> torch.Tensor:
+    """``[len(groups), count]`` standard normals (Box-Muller on the same counter stream), so a
+    tensor initialised from global group indices is identical for every sharding."""
+    u = bits_to_uniform(noise_bits(key, groups, 2 * count)).double()
+    radius = torch.sqrt(-2.0 * torch.log(u[:, :count]))
+    return (radius * torch.cos(2.0 * torch.pi * u[:, count:])).float()
 
 
 @dataclass(frozen=True)

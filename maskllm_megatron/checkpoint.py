@@ -1,0 +1,173 @@
+"""Model checkpoints through megatron-core's dist_checkpointing, checked before they load.
+
+Mask logits are stored as sharded tensors of global shape ``[out, in // M, C]`` (fixed masks:
+``[out, in // M]``), so a checkpoint saved at one TP x PP layout loads at any other. A small
+JSON sidecar records the N:M pattern; loading compares it and every mask tensor's global shape
+with the model first, so a wrong pattern or shape is a clear error, and a missing logits entry
+is an error rather than a silent re-initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+from .layers import sparse_layers
+
+SIDECAR = "maskllm.json"
+FORMAT_VERSION = 1
+MASK_SUFFIXES = (".mask_logits", ".mask_indices")
+
+
+def _walk(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _walk(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _walk(value)
+    else:
+        yield tree
+
+
+def mask_tensor_shapes(sharded_state_dict) -> dict[str, tuple[int, ...]]:
+    """Global shape of every mask tensor in a sharded state dict."""
+    shapes = {}
+    for item in _walk(sharded_state_dict):
+        pieces = item.build() if isinstance(item, ShardedTensorFactory) else [item]
+        for piece in pieces:
+            if isinstance(piece, ShardedTensor) and piece.key.endswith(MASK_SUFFIXES):
+                shapes[piece.key] = tuple(piece.global_shape)
+    return shapes
+
+
+def _pattern_of(model) -> str | None:
+    patterns = {str(layer.mask_settings.pattern) for _, layer in sparse_layers(model)}
+    if len(patterns) > 1:
+        raise ValueError(f"model mixes N:M patterns {sorted(patterns)}")
+    return patterns.pop() if patterns else None
+
+
+def save_model(model, path: str | Path) -> None:
+    """Save ``model.sharded_state_dict()`` (weights, biases, mask tensors) and the sidecar."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sharded = model.sharded_state_dict()
+    dist_checkpointing.save(sharded, str(path))
+    local = {"pattern": _pattern_of(model), "masks": mask_tensor_shapes(sharded)}
+    gathered = [None] * dist.get_world_size() if dist.is_initialized() else [local]
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, local)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        patterns = {g["pattern"] for g in gathered if g["pattern"] is not None}
+        masks = {k: list(v) for g in gathered for k, v in g["masks"].items()}
+        sidecar = {"format": FORMAT_VERSION, "pattern": patterns.pop() if patterns else None,
+                   "mask_tensors": dict(sorted(masks.items()))}
+        tmp = path / (SIDECAR + ".tmp")
+        tmp.write_text(json.dumps(sidecar, indent=1))
+        tmp.replace(path / SIDECAR)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def read_sidecar(path: str | Path) -> dict | None:
+    sidecar = Path(path) / SIDECAR
+    return json.loads(sidecar.read_text()) if sidecar.exists() else None
+
+
+def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
+    """Load a checkpoint saved at any parallel layout into ``model`` (this rank's stage).
+
+    ``missing_masks="error"`` (default) refuses a checkpoint without the model's mask tensors;
+    ``"keep"`` loads a dense checkpoint (e.g. converted from Hugging Face) and keeps the
+    model's freshly initialised logits.
+    """
+    if missing_masks not in ("error", "keep"):
+        raise ValueError(f"missing_masks must be 'error' or 'keep', got {missing_masks!r}")
+    path = Path(path)
+    if not (path / "metadata.json").exists():
+        raise FileNotFoundError(f"{path} is not a megatron-core distributed checkpoint "
+                                "(no metadata.json)")
+    pattern = _pattern_of(model)
+    sidecar = read_sidecar(path)
+    if sidecar and sidecar.get("pattern") and pattern and sidecar["pattern"] != pattern:
+        raise ValueError(f"checkpoint {path} holds {sidecar['pattern']} masks but the model is "
+                         f"built for {pattern}")
+    sharded = model.sharded_state_dict()
+    stored = dist_checkpointing.load_tensors_metadata(str(path))
+    missing = []
+    for key, shape in mask_tensor_shapes(sharded).items():
+        if key not in stored:
+            missing.append(key)
+            continue
+        found = tuple(stored[key].global_shape)
+        if found != shape:
+            raise ValueError(
+                f"checkpoint {path}: {key} has global shape {list(found)} but the model expects "
+                f"{list(shape)} for {pattern} (N:M mismatch or a different model)")
+    if missing and missing_masks == "error":
+        raise ValueError(f"checkpoint {path} has no mask tensors for {len(missing)} sparse "
+                         f"tensors, e.g. {missing[0]}; pass missing_masks='keep' to start "
+                         "mask learning from a dense checkpoint")
+    if missing:
+        sharded = _drop_keys(sharded, set(missing))
+    state = dist_checkpointing.load(sharded, str(path))
+    result = model.load_state_dict(state, strict=False)
+    unexpected = list(result.unexpected_keys)
+    absent = [k for k in result.missing_keys if not k.endswith(MASK_SUFFIXES)
+              and not k.endswith("_extra_state")]
+    if unexpected or absent:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {absent[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def _drop_keys(tree, keys: set[str]):
+    if isinstance(tree, dict):
+        out = {}
+        for name, value in tree.items():
+            item_key = getattr(value, "key", None)
+            if item_key in keys:
+                continue
+            out[name] = _drop_keys(value, keys)
+        return out
+    return tree
+
+
+@torch.no_grad()
+def global_tensors(model, suffixes=MASK_SUFFIXES, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Assemble full (unsharded) tensors of this model across every rank (tests, tools).
+
+    Uses the sharded-state-dict layout, so the result is in the TP-invariant global layout;
+    with ``grads=True`` the parameters' gradients are assembled instead.
+    """
+    pieces = []
+    for item in _walk(model.sharded_state_dict()):
+        if isinstance(item, ShardedTensorFactory):
+            if not item.key.endswith(suffixes):
+                continue
+            data = item.data.grad if grads else item.data
+            built = item.build_fn(item.key, data, item.replica_id, item.flattened_range)
+        elif isinstance(item, ShardedTensor) and item.key.endswith(suffixes):
+            data = item.data.grad if grads else item.data
+            built = [(item, data)]
+        else:
+            continue
+        for piece in built:
+            sh, tensor = piece if isinstance(piece, tuple) else (piece, piece.data)
+            pieces.append((sh.key, tuple(sh.global_shape), tuple(sh.global_offset),
+                           tensor.detach().cpu().clone()))
+    everything = [None] * dist.get_world_size() if dist.is_initialized() else [pieces]
+    if dist.is_initialized():
+        dist.all_gather_object(everything, pieces)
+    out: dict[str, torch.Tensor] = {}
+    for rank_pieces in everything:
+        for key, shape, offset, tensor in rank_pieces:
+            full = out.setdefault(key, torch.zeros(shape, dtype=tensor.dtype))
+            index = tuple(slice(o, o + s) for o, s in zip(offset, tensor.shape, strict=True))
+            full[index] = tensor
+    return out
