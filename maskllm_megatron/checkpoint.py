@@ -160,14 +160,16 @@ def global_tensors(model, suffixes=MASK_SUFFIXES, grads: bool = False) -> dict[s
         for piece in built:
             sh, tensor = piece if isinstance(piece, tuple) else (piece, piece.data)
             pieces.append((sh.key, tuple(sh.global_shape), tuple(sh.global_offset),
-                           tensor.detach().cpu().clone()))
+                           sh.prepend_axis_num, tensor.detach().cpu().clone()))
     everything = [None] * dist.get_world_size() if dist.is_initialized() else [pieces]
     if dist.is_initialized():
         dist.all_gather_object(everything, pieces)
     out: dict[str, torch.Tensor] = {}
     for rank_pieces in everything:
-        for key, shape, offset, tensor in rank_pieces:
+        for key, shape, offset, prepended, tensor in rank_pieces:
             full = out.setdefault(key, torch.zeros(shape, dtype=tensor.dtype))
-            index = tuple(slice(o, o + s) for o, s in zip(offset, tensor.shape, strict=True))
+            # prepended axes (megatron's stacked-layer axis) are single indices
+            index = tuple(offset[:prepended]) + tuple(
+                slice(o, o + s) for o, s in zip(offset[prepended:], tensor.shape, strict=True))
             full[index] = tensor
     return out

@@ -6,7 +6,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
 from dist_harness import DistributedPool  # noqa: E402
 
 

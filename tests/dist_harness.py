@@ -8,6 +8,7 @@ run on every rank with the layout already set and return picklable values.
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import socket
@@ -57,11 +58,12 @@ class DistributedPool:
         self.tasks = [ctx.Queue() for _ in range(self.world_size)]
         self.results = ctx.Queue()
         port = _free_port()
-        self.procs = [ctx.Process(target=_worker, daemon=True,
+        self.procs = [ctx.Process(target=_worker, daemon=False,  # the checkpoint writer forks
                                   args=(r, self.world_size, port, self.tasks[r], self.results))
                       for r in range(self.world_size)]
         for proc in self.procs:
             proc.start()
+        atexit.register(self.close)
 
     def run(self, fn, *args, tp: int = 1, pp: int = 1, seed: int = 1234) -> list:
         if not self.procs or not all(p.is_alive() for p in self.procs):

@@ -12,8 +12,12 @@ def case_column_row_tp2(sequence_parallel: bool):
     from megatron.core import parallel_state as ps
     from megatron.core.model_parallel_config import ModelParallelConfig
 
-    from maskllm_megatron.layers import (MaskSettings, SamplingState, SparseColumnParallelLinear,
-                                         SparseRowParallelLinear)
+    from maskllm_megatron.layers import (
+        MaskSettings,
+        SamplingState,
+        SparseColumnParallelLinear,
+        SparseRowParallelLinear,
+    )
     from maskllm_megatron.sampling import NoiseKey, sample_masked_weight
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
@@ -54,7 +58,8 @@ def case_column_row_tp2(sequence_parallel: bool):
     full_logits = []
     for layer, axis in ((col, 0), (row, 1)):
         parts = [torch.empty_like(layer.mask_logits) for _ in range(tp)]
-        dist.all_gather(parts, layer.mask_logits.detach(), group=ps.get_tensor_model_parallel_group())
+        dist.all_gather(parts, layer.mask_logits.detach(),
+                        group=ps.get_tensor_model_parallel_group())
         full_logits.append(torch.cat(parts, dim=axis).requires_grad_())
     bias_parts = [torch.empty_like(col.bias) for _ in range(tp)]
     dist.all_gather(bias_parts, col.bias.detach(), group=ps.get_tensor_model_parallel_group())
