@@ -210,3 +210,21 @@ def test_mismatched_checkpoints_are_clear_errors(dist4, tmp_path):
     assert re.search(r"global shape \[2, \d+, 16, 6\].*expects \[2, \d+, 16, 4\] for 1:4",
                      errors["shape"])
     assert "no mask tensors" in errors["missing"] and "mask_logits" in errors["missing"]
+
+
+def case_ddp_buffers_hold_no_frozen_weight():
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from maskllm_megatron.layers import sparse_layers
+
+    model, _ = _build(glu=True, query_groups=2)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    in_buffers = {id(p) for buffer in ddp.buffers for p in buffer.params}
+    layers = [layer for _, layer in sparse_layers(model)]
+    assert layers and all(id(layer.weight) not in in_buffers for layer in layers)
+    assert all(id(layer.mask_logits) in in_buffers for layer in layers)
+    return len(in_buffers)
+
+
+def test_frozen_weights_get_no_data_parallel_gradient_buffer(dist4):
+    dist4.run(case_ddp_buffers_hold_no_frozen_weight, tp=2)

@@ -17,6 +17,7 @@ def case_column_row_tp2(sequence_parallel: bool):
         SamplingState,
         SparseColumnParallelLinear,
         SparseRowParallelLinear,
+        regularizer,
     )
     from maskllm_megatron.sampling import NoiseKey, sample_masked_weight
 
@@ -51,6 +52,7 @@ def case_column_row_tp2(sequence_parallel: bool):
     h, _ = col(x_in)
     y, _ = row(F.gelu(h))
     reg_local = col.mask_reg + row.mask_reg
+    assert torch.equal(regularizer(torch.nn.ModuleList([col, row])), reg_local)
     probe_local = probe.chunk(tp, dim=0)[rank] if sequence_parallel else probe
     ((y * probe_local).sum() + 0.3 * reg_local).backward()
 
@@ -113,3 +115,18 @@ def test_indivisible_shard_is_a_clear_construction_error(dist4):
         assert message is not None
         assert "SparseRowParallelLinear (fc2)" in message and "[8, 10]" in message
         assert "tensor-parallel size 2" in message and "M=4" in message
+
+
+def case_bad_layout():
+    from maskllm_megatron import runtime
+
+    try:
+        runtime.set_model_parallel(3, 1)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_a_layout_that_does_not_divide_the_world_is_refused(dist4):
+    for message in dist4.run(case_bad_layout):
+        assert message and "(3)" in message and "world size (4)" in message
