@@ -1,0 +1,1 @@
+"""Tokenizers, preprocessing to megatron-core indexed datasets, and GPT datasets."""
