@@ -37,6 +37,41 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from .data.tokenizer import train_tokenizer
+
+    path = train_tokenizer(args.input, args.model_prefix, args.vocab_size, args.model_type)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from .data.preprocess import preprocess
+
+    stats = preprocess(args.input, args.tokenizer, args.output_prefix, args.json_key)
+    print(f"{stats['documents']} documents, {stats['tokens']} tokens -> "
+          f"{stats['prefix']}.bin/.idx")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainingError, args_from_namespace, train
+
+    try:
+        metrics = train(args_from_namespace(args))
+    except TrainingError as err:
+        print(f"maskllm train: {err}", file=sys.stderr)
+        return 1
+    finally:
+        from . import runtime
+
+        runtime.shutdown()
+    if metrics:
+        print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in metrics.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -46,6 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="versions and available sampler backends")
     info.set_defaults(func=_cmd_info)
+
+    tok = sub.add_parser("train-tokenizer", help="train a SentencePiece model on text files")
+    tok.add_argument("input", nargs="+", help="text files")
+    tok.add_argument("--model-prefix", required=True, help="writes PREFIX.model")
+    tok.add_argument("--vocab-size", type=int, default=4096)
+    tok.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    tok.set_defaults(func=_cmd_train_tokenizer)
+
+    pre = sub.add_parser("preprocess", help="text / JSONL -> megatron indexed dataset")
+    pre.add_argument("input", nargs="+", help=".txt files (one document each) or .jsonl")
+    pre.add_argument("--tokenizer", required=True,
+                     help="SentencePiece .model or Hugging Face tokenizer directory")
+    pre.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    pre.add_argument("--json-key", default="text")
+    pre.set_defaults(func=_cmd_preprocess)
+
+    from .train import add_train_arguments
+
+    trn = sub.add_parser("train", help="learn N:M masks (or train weights) with TP/PP/DP")
+    add_train_arguments(trn)
+    trn.set_defaults(func=_cmd_train)
     return parser
 
 

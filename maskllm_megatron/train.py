@@ -1,0 +1,743 @@
+"""The mask-learning trainer: megatron-core pipeline schedules, AdamW on the logits, exact resume.
+
+Story of one run (:func:`train`):
+
+1. start distributed work and build the model from ``model_config.json`` with sparse layers;
+2. load the newest checkpoint in ``--save`` (exact resume) or else ``--load`` (dense weights) and
+   ``--prior`` (bias the logits towards a hard mask);
+3. each iteration: set tau / kappa / lr from the iteration, run megatron's forward-backward over
+   the micro-batches (each micro-batch draws its own sample; each data-parallel rank too), add
+   the sparse-weight regulariser of *every* pipeline stage, average logits gradients over data
+   parallel, clip by the norm over all ranks, refuse non-finite steps, AdamW;
+4. log (progress bar, JSONL, TensorBoard), save atomically, and plot at the end.
+
+Everything that varies per step (noise keys, data position, schedules) is a pure function of
+the iteration, so a checkpoint holds only tensors (logits, optimizer moments) and the iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import runtime
+from .checkpoint import load_model, save_model
+from .layers import MaskSettings, SamplingState, attach_sampling, sparse_layers
+from .model_config import ModelConfig
+from .nm import NMPattern, apply_prior
+from .schedules import GumbelSchedule
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop (non-finite loss beyond the skip budget, bad checkpoint, ...)."""
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+@dataclass
+class TrainArgs:
+    """Megatron-style flags (``--tensor-model-parallel-size`` ...); a YAML file may set any."""
+
+    model_config: str | None = None
+    data_path: list[str] = field(default_factory=list)
+    split: str = "98,2,0"
+    tokenizer: str | None = None
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int | None = None
+    train_iters: int = 100
+    lr: float = 5e-4  # the original: 5e-5 with a 10x multiplier on the mask logits
+    min_lr: float = 5e-5
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    N: int = 2
+    M: int = 4
+    gumbel_temperature_range: list[float] = field(default_factory=lambda: [4.0, 0.05])
+    gumbel_scale_range: list[float] = field(default_factory=lambda: [1e2, 5e2])
+    gumbel_schedule: str = "linear"
+    hard_sampling: bool = False
+    prior_strength: float = 3.0
+    prior: str | None = None
+    weight_reg: float = 1e-5
+    train_weights: bool = False
+    dense: bool = False  # masks off (dense pretraining with --train-weights)
+    load: str | None = None
+    save: str | None = None
+    save_interval: int | None = None
+    keep_checkpoints: int = 2
+    eval_interval: int | None = None
+    eval_iters: int = 10
+    log_interval: int = 1
+    seed: int = 1234
+    skip_nonfinite_steps: int = 0
+    tensorboard_dir: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ValueError("--lr-decay-style must be cosine, linear or constant")
+        if self.dense and not self.train_weights:
+            raise ValueError("--dense (masks off) only makes sense with --train-weights")
+        if self.train_iters < 1:
+            raise ValueError("--train-iters must be positive")
+        for name in ("gumbel_temperature_range", "gumbel_scale_range"):
+            if len(getattr(self, name)) != 2:
+                raise ValueError(f"--{name.replace('_', '-')} takes two numbers: start end")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with any of the flags below (same names)")
+    for f in dataclasses.fields(TrainArgs):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif isinstance(default, list):
+            kind = float if f.name.startswith("gumbel") else str
+            parser.add_argument(flag, nargs="+", type=kind, default=None)
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            if f.type in ("int | None",):
+                kind = int
+            parser.add_argument(flag, type=kind, default=None)
+
+
+def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
+    values: dict = {}
+    if getattr(ns, "config", None):
+        import yaml
+
+        loaded = yaml.safe_load(Path(ns.config).read_text()) or {}
+        names = {f.name for f in dataclasses.fields(TrainArgs)}
+        for key, value in loaded.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise ValueError(f"{ns.config}: unknown setting {key!r}")
+            values[name] = value
+    for f in dataclasses.fields(TrainArgs):
+        value = getattr(ns, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    args = TrainArgs(**values)
+    args.validate()
+    return args
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def learning_rate(args: TrainArgs, iteration: int) -> float:
+    if args.lr_warmup_iters and iteration < args.lr_warmup_iters:
+        return args.lr * (iteration + 1) / args.lr_warmup_iters
+    if args.lr_decay_style == "constant":
+        return args.lr
+    decay_iters = max(1, args.train_iters - args.lr_warmup_iters)
+    progress = min(1.0, (iteration - args.lr_warmup_iters) / decay_iters)
+    if args.lr_decay_style == "linear":
+        return args.lr + (args.min_lr - args.lr) * progress
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _AuxLoss(torch.autograd.Function):
+    """Identity on ``output`` whose backward also sends ``scale`` into ``aux`` (megatron's
+    MoE aux-loss idiom): adds a stage-local term to the loss on any pipeline stage."""
+
+    @staticmethod
+    def forward(ctx, output, aux, scale):
+        ctx.scale = scale
+        ctx.aux_shape = aux.shape
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32), None
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(args: TrainArgs) -> dict:
+    """Run (or resume) training; returns the final metrics."""
+    layout = runtime.init_distributed(args.tensor_model_parallel_size,
+                                      args.pipeline_model_parallel_size, args.seed)
+    main_rank = layout.rank == 0
+    model_cfg = _model_config(args)
+    seq_length = args.seq_length or model_cfg.max_sequence_length
+    pattern = NMPattern(args.N, args.M)
+    model, state = _build_model(args, model_cfg, layout)
+    params = _trainable(model, args)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    start = _restore(args, model, optimizer, pattern)
+    if main_rank:
+        _print_memory_table(model, optimizer, args)
+
+    from .data.datasets import BatchLayout, build_gpt_datasets
+    from .data.tokenizer import load_tokenizer
+
+    batches = BatchLayout(args.micro_batch_size, args.global_batch_size, layout.dp)
+    tokenizer = load_tokenizer(args.tokenizer or model_cfg.tokenizer)
+    eval_samples = args.global_batch_size * args.eval_iters * (
+        args.train_iters // args.eval_interval + 1 if args.eval_interval else 0)
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        args.data_path, tokenizer, seq_length, args.seed,
+        (args.train_iters * args.global_batch_size, eval_samples, 0), split=args.split)
+    schedule = GumbelSchedule(tuple(args.gumbel_temperature_range),
+                              tuple(args.gumbel_scale_range), args.train_iters,
+                              args.gumbel_schedule)
+    logger = _Logger(args, main_rank, start)
+    previous_argmax = _argmax_snapshot(model)
+    skipped = 0
+    metrics: dict = {}
+    for iteration in range(start, args.train_iters):
+        state.iteration, state.dp_rank = iteration, layout.dp_rank
+        state.tau, state.kappa = schedule.tau(iteration), schedule.kappa(iteration)
+        lr = learning_rate(args, iteration)
+        reg_weight = args.weight_reg * (1.0 - iteration / args.train_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss, reg = _forward_backward(model, state, train_ds, batches, iteration, seq_length,
+                                      reg_weight, args)
+        _reduce_gradients(model, params)
+        grad_norm = _clip_gradients(params, args.clip_grad)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            skipped += 1
+            what = "loss" if not math.isfinite(loss) else "gradient"
+            message = (f"iteration {iteration}: non-finite {what} (loss={loss}, "
+                       f"grad norm={grad_norm}); step refused")
+            if skipped > args.skip_nonfinite_steps:
+                logger.close()
+                raise TrainingError(message + f"; {skipped} such steps exceed "
+                                    f"--skip-nonfinite-steps={args.skip_nonfinite_steps}")
+            logger.note(message)
+            continue
+        optimizer.step()
+        step = iteration + 1
+        metrics = dict(iteration=step, loss=loss, reg=reg, lr=lr, tau=state.tau,
+                       kappa=state.kappa, grad_norm=grad_norm, skipped=skipped)
+        if args.log_interval and step % args.log_interval == 0:
+            metrics.update(_mask_statistics(model, previous_argmax, state))
+            previous_argmax = _argmax_snapshot(model)
+        if args.eval_interval and valid_ds is not None and step % args.eval_interval == 0:
+            metrics["val_loss"] = evaluate(model, state, valid_ds, batches, seq_length,
+                                           args.eval_iters)
+        logger.log(metrics)
+        if args.save and (step == args.train_iters or
+                          (args.save_interval and step % args.save_interval == 0)):
+            save_checkpoint(model, optimizer, args, step)
+    logger.close()
+    return metrics
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _model_config(args: TrainArgs) -> ModelConfig:
+    source = args.model_config or args.load
+    if source is None:
+        raise ValueError("give --model-config (or --load with a model_config.json)")
+    return ModelConfig.load(source)
+
+
+def _build_model(args: TrainArgs, cfg: ModelConfig, layout):
+    from .spec import build_gpt_model
+
+    config = cfg.transformer_config(layout.tp, layout.pp)
+    torch.manual_seed(args.seed)
+    settings = MaskSettings(pattern=NMPattern(args.N, args.M),
+                            mode="dense" if args.dense else "learn",
+                            hard_sampling=args.hard_sampling)
+    model = build_gpt_model(
+        config, cfg.vocab_size, cfg.max_sequence_length, settings,
+        position_embedding_type=cfg.position_embedding_type,
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent)
+    state = SamplingState(seed=args.seed, dp_rank=layout.dp_rank)
+    attach_sampling(model, state)
+    return model, state
+
+
+def _trainable(model, args: TrainArgs) -> list[torch.nn.Parameter]:
+    """Mask logits only, unless --train-weights: nothing else gets gradients or Adam state."""
+    params = []
+    for name, param in model.named_parameters():
+        learn = (name.endswith("mask_logits") and not args.dense) or args.train_weights
+        param.requires_grad_(learn)
+        if learn:
+            params.append(param)
+    if not params:
+        raise TrainingError("nothing to train: the model has no sparse layers")
+    return params
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def _forward_backward(model, state, dataset, batches, iteration, seq_length, reg_weight, args):
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from .data.datasets import batch_for
+    from .layers import regularizer
+
+    microbatch = iter(range(batches.num_microbatches))
+    regs: list[float] = []
+
+    def forward_step(data_iterator, model):
+        k = next(microbatch)
+        state.microbatch = k
+        batch = batch_for(dataset, batches, iteration, k, state.dp_rank)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        reg = regularizer(model)
+        if reg is not None:
+            regs.append(float(reg.detach()))
+            if reg_weight > 0:  # this stage's (and TP shard's) term, on every stage
+                output = _AuxLoss.apply(output, reg, reg_weight / batches.num_microbatches)
+        mask = batch["loss_mask"].float()
+
+        def loss_func(output_tensor):
+            loss = (output_tensor.float() * mask).sum() / mask.sum()
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=None, model=[model],
+        num_microbatches=batches.num_microbatches, seq_length=seq_length,
+        micro_batch_size=batches.micro_batch_size, forward_only=False)
+    loss = torch.tensor(
+        [float(torch.stack([d["lm loss"] for d in losses]).mean()) if losses else 0.0])
+    # the loss lives on the last stage: share it along the pipeline, average over data parallel
+    dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
+    dist.all_reduce(loss, group=ps.get_data_parallel_group())
+    reg = torch.tensor([sum(regs) / max(1, len(regs))])
+    dist.all_reduce(reg, group=ps.get_model_parallel_group())  # every stage and TP shard
+    return float(loss) / ps.get_data_parallel_world_size(), float(reg)
+
+
+def _reduce_gradients(model, params) -> None:
+    """Average gradients over data parallel; sum tied embeddings across the pipeline ends."""
+    from megatron.core import parallel_state as ps
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if ps.get_data_parallel_world_size() > 1 and grads:
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=ps.get_data_parallel_group())
+        flat /= ps.get_data_parallel_world_size()
+        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads),
+                                strict=True):
+            grad.copy_(synced)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        for param in params:
+            if getattr(param, "shared_embedding", False) and param.grad is not None:
+                dist.all_reduce(param.grad, group=ps.get_embedding_group())
+
+
+def _clip_gradients(params, max_norm: float) -> float:
+    """Global grad norm over all model-parallel ranks (TP duplicates counted once); clip."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    total = torch.zeros(1, dtype=torch.float64)
+    for param in params:
+        if param.grad is not None and param_is_not_tensor_parallel_duplicate(param):
+            if getattr(param, "shared_embedding", False) and not ps.is_pipeline_first_stage():
+                continue  # tied copy on the last stage: counted on the first
+            total += param.grad.double().square().sum()
+    dist.all_reduce(total, group=ps.get_model_parallel_group())
+    norm = float(total.sqrt())
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+        for param in params:
+            if param.grad is not None:
+                param.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+@torch.no_grad()
+def evaluate(model, state, dataset, batches, seq_length, iters: int) -> float:
+    """Mean LM loss with hard (argmax) masks on ``iters`` validation batches."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from .data.datasets import batch_for
+    from .layers import set_mask_mode
+
+    modes = {id(layer): layer.mode for _, layer in sparse_layers(model)}
+    if any(mode == "learn" for mode in modes.values()):
+        set_mask_mode(model, "hard")
+    total = []
+    try:
+        for it in range(iters):
+            counter = iter(range(batches.num_microbatches))
+
+            def forward_step(data_iterator, model, it=it, counter=counter):
+                batch = batch_for(dataset, batches, it, next(counter), state.dp_rank)
+                output = model(batch["tokens"], batch["position_ids"], None,
+                               labels=batch["labels"])
+                mask = batch["loss_mask"].float()
+                return output, lambda out: ((out.float() * mask).sum() / mask.sum(),
+                                            {"lm loss": ((out.float() * mask).sum() /
+                                                         mask.sum()).clone()})
+
+            losses = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=None, model=[model],
+                num_microbatches=batches.num_microbatches, seq_length=seq_length,
+                micro_batch_size=batches.micro_batch_size, forward_only=True)
+            if losses:
+                total.extend(float(d["lm loss"]) for d in losses)
+    finally:
+        for _, layer in sparse_layers(model):
+            layer.mode = modes[id(layer)]
+    value = torch.tensor([sum(total) / len(total) if total else 0.0])
+    dist.all_reduce(value, group=ps.get_pipeline_model_parallel_group())
+    dist.all_reduce(value, group=ps.get_data_parallel_group())
+    return float(value) / ps.get_data_parallel_world_size()
+
+
+# ----------------------------------------------------------------------------- mask statistics
+
+
+def _argmax_snapshot(model) -> dict[int, torch.Tensor]:
+    return {id(layer): layer.mask_logits.detach().argmax(-1).to(torch.uint8)
+            for _, layer in sparse_layers(model) if layer.mode == "learn"}
+
+
+@torch.no_grad()
+def _mask_statistics(model, previous: dict, state) -> dict:
+    """Share of groups whose argmax flipped since the last log; mean max-probability of
+    softmax(kappa * logits / tau) (the noise-free soft index)."""
+    from megatron.core import parallel_state as ps
+
+    sums = torch.zeros(3, dtype=torch.float64)  # flipped, max-prob sum, groups
+    for _, layer in sparse_layers(model):
+        if layer.mode != "learn":
+            continue
+        logits = layer.mask_logits.detach()
+        argmax = logits.argmax(-1).to(torch.uint8)
+        if id(layer) in previous:
+            sums[0] += float((argmax != previous[id(layer)]).sum())
+        probs = torch.softmax(state.kappa * logits / state.tau, dim=-1)
+        sums[1] += float(probs.amax(-1).double().sum())
+        sums[2] += argmax.numel()
+    dist.all_reduce(sums, group=ps.get_model_parallel_group())
+    groups = max(1.0, float(sums[2]))
+    return {"flip_rate": float(sums[0]) / groups, "max_prob": float(sums[1]) / groups}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _param_entries(model) -> dict[int, object]:
+    """parameter id -> its entry (ShardedTensor or factory) in the model's sharded state dict."""
+    from .checkpoint import _walk
+
+    return {id(item.data): item for item in _walk(model.sharded_state_dict())
+            if isinstance(getattr(item, "data", None), torch.nn.Parameter)}
+
+
+def _optimizer_sharded_state(model, optimizer) -> dict:
+    """Adam moments as sharded tensors laid out exactly like their parameters (reshardable).
+
+    Dict keys are ``"{moment}:{index}"`` (index in optimizer order); checkpoint keys follow the
+    parameter's, so stacked layers that share a key keep their own offsets.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    entries = _param_entries(model)
+    sharded = {}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, param in enumerate(params):
+        entry = entries.get(id(param))
+        if entry is None:
+            raise TrainingError("a trained parameter is missing from the sharded state dict")
+        slot = optimizer.state[param]
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name not in slot:
+                slot[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            key = f"optimizer.{name}.{entry.key}"
+            if isinstance(entry, ShardedTensor):
+                sharded[f"{name}:{index}"] = dataclasses.replace(
+                    entry, key=key, data=slot[name], dtype=slot[name].dtype)
+            else:
+                sharded[f"{name}:{index}"] = dataclasses.replace(entry, key=key, data=slot[name])
+    return sharded
+
+
+def save_checkpoint(model, optimizer, args: TrainArgs, iteration: int) -> Path:
+    """Write ``iter_N`` atomically: a temporary directory renamed into place, then ``latest``.
+
+    Refuses to write non-finite logits. Keeps the newest ``--keep-checkpoints``.
+    """
+    from megatron.core import dist_checkpointing
+
+    for _, layer in sparse_layers(model):
+        if layer.mode != "fixed" and not torch.isfinite(layer.mask_logits).all():
+            raise TrainingError(f"iteration {iteration}: non-finite mask logits; not saving")
+    root = Path(args.save)
+    final = root / f"iter_{iteration:07d}"
+    tmp = root / f"iter_{iteration:07d}.tmp"
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier left this behind
+        for part in ("model", "optimizer"):
+            (tmp / part).mkdir(parents=True)
+    dist.barrier()
+    save_model(model, tmp / "model")
+    for param in (p for g in optimizer.param_groups for p in g["params"]):
+        optimizer.state[param].setdefault("step", torch.tensor(0.0))
+    dist_checkpointing.save(_optimizer_sharded_state(model, optimizer), str(tmp / "optimizer"))
+    if rank0:
+        (tmp / "train_state.json").write_text(json.dumps({
+            "iteration": iteration, "seed": args.seed, "pattern": f"{args.N}:{args.M}",
+            "consumed_samples": iteration * args.global_batch_size,
+            "tensor_model_parallel_size": args.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": args.pipeline_model_parallel_size}))
+        os.replace(tmp, final)
+        pointer = root / "latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "latest")  # written last: the checkpoint is complete
+        for old in sorted(root.glob("iter_???????"))[:-max(1, args.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(root: str | Path | None) -> Path | None:
+    if root is None:
+        return None
+    pointer = Path(root) / "latest"
+    if not pointer.exists():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / "train_state.json").exists():
+        raise TrainingError(f"{pointer} names {path.name}, which is incomplete or missing")
+    return path
+
+
+def model_dir(path: str | Path) -> Path:
+    """The model checkpoint inside ``path``: a run directory (its latest), an ``iter_N``
+    directory, or a model checkpoint itself."""
+    path = Path(path)
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest / "model"
+    if (path / "model" / "metadata.json").exists():
+        return path / "model"
+    return path
+
+
+def _restore(args: TrainArgs, model, optimizer, pattern: NMPattern) -> int:
+    """Resume from --save's latest checkpoint, else start from --load / --prior."""
+    from megatron.core import dist_checkpointing
+
+    resume = latest_checkpoint(args.save)
+    if resume is not None:
+        meta = json.loads((resume / "train_state.json").read_text())
+        if meta["pattern"] != str(pattern) or meta["seed"] != args.seed:
+            raise TrainingError(f"{resume} was written with pattern {meta['pattern']} and seed "
+                                f"{meta['seed']}; this run uses {pattern} and {args.seed}")
+        load_model(model, resume / "model")
+        sharded = _optimizer_sharded_state(model, optimizer)
+        loaded = dist_checkpointing.load(sharded, str(resume / "optimizer"))
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for index, param in enumerate(params):
+            slot = optimizer.state[param]
+            for name in ("exp_avg", "exp_avg_sq"):
+                value = loaded[f"{name}:{index}"]
+                if value is not slot[name]:
+                    slot[name].copy_(value)
+            slot["step"] = torch.tensor(float(meta["iteration"]))
+        return int(meta["iteration"])
+    if args.load:
+        load_model(model, model_dir(args.load), missing_masks="keep")
+    if args.prior:
+        apply_prior_checkpoint(model, model_dir(args.prior), args.prior_strength)
+    return 0
+
+
+def _indices_entry(entry, key: str):
+    """A ``mask_indices`` entry shaped like ``entry`` (a logits entry) without its last axis."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    data = torch.empty(entry.data.shape[:-1], dtype=torch.uint8)
+    if not isinstance(entry, ShardedTensor):  # SwiGLU factory: rebuilt from the data's shape
+        return dataclasses.replace(entry, key=key, data=data)
+    return dataclasses.replace(
+        entry, key=key, data=data, dtype=torch.uint8, local_shape=entry.local_shape[:-1],
+        global_shape=entry.global_shape[:-1], global_offset=entry.global_offset[:-1],
+        axis_fragmentations=(entry.axis_fragmentations[:-1]
+                             if entry.axis_fragmentations is not None else None))
+
+
+@torch.no_grad()
+def apply_prior_checkpoint(model, path: str | Path, strength: float) -> None:
+    """Bias the logits towards the hard masks stored in ``path``: fixed masks
+    (``mask_indices``, e.g. a trimmed run or a one-shot pruner) or the argmax of another
+    run's logits (the paper's downstream transfer). Works at any TP x PP layout."""
+    from megatron.core import dist_checkpointing
+
+    from .layers import LOGITS_INIT_STD
+    from .nm import indices_to_mask
+
+    stored = dist_checkpointing.load_tensors_metadata(str(path))
+    entries = _param_entries(model)
+    request, keys = {}, {}
+    for _, layer in sparse_layers(model):
+        entry = entries[id(layer.mask_logits)]
+        indices_key = entry.key[: -len(".mask_logits")] + ".mask_indices"
+        if entry.key in stored:
+            request[entry.key] = dataclasses.replace(entry,
+                                                     data=torch.empty_like(entry.data))
+            keys[id(layer)] = (entry.key, "logits")
+        elif indices_key in stored:
+            request[indices_key] = _indices_entry(entry, indices_key)
+            keys[id(layer)] = (indices_key, "indices")
+        else:
+            raise TrainingError(f"prior {path} has no mask for {entry.key}")
+    loaded = dist_checkpointing.load(request, str(path))
+    for _, layer in sparse_layers(model):
+        key, kind = keys[id(layer)]
+        value = loaded[key]
+        value = value.data if hasattr(value, "data") and not isinstance(value, torch.Tensor) \
+            else value
+        indices = value.argmax(-1) if kind == "logits" else value.long()
+        pattern = layer.mask_settings.pattern
+        layer.mask_logits.copy_(apply_prior(layer.mask_logits, indices_to_mask(indices, pattern),
+                                            pattern, strength, scale=LOGITS_INIT_STD))
+
+
+# ----------------------------------------------------------------------------- what users see
+
+
+def _print_memory_table(model, optimizer, args: TrainArgs) -> None:
+    """Per-rank training state, and bytes of it per prunable weight (goal: <= 13)."""
+    prunable = frozen = logits = 0
+    for _, layer in sparse_layers(model):
+        prunable += layer.weight.numel()
+        frozen += layer.weight.numel() * layer.weight.element_size()
+        if layer.mode != "fixed":
+            logits += layer.mask_logits.numel() * 4
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grads = sum(p.numel() * 4 for p in params)  # fp32 gradients
+    adam = sum(2 * p.numel() * 4 for p in params)  # exp_avg + exp_avg_sq
+    state = (logits if not args.train_weights else sum(p.numel() * p.element_size()
+                                                        for p in params)) + grads + adam
+    rows = [("frozen sparse weights", frozen), ("mask logits (fp32)", logits),
+            ("gradients (fp32)", grads), ("Adam state (fp32)", adam)]
+    print("training state on rank 0")
+    for name, value in rows:
+        print(f"  {name:<24} {value / 2**20:10.2f} MiB")
+    print(f"  {'per prunable weight':<24} {state / max(1, prunable):10.2f} bytes "
+          "(logits + gradients + Adam state)")
+
+
+class _Logger:
+    """Progress bar, JSONL log and TensorBoard scalars on rank 0; PNG curves at the end."""
+
+    def __init__(self, args: TrainArgs, active: bool, start: int):
+        self.active, self.args = active, args
+        self.records: list[dict] = []
+        self.jsonl = self.bar = self.board = None
+        if not active:
+            return
+        out = Path(args.save) if args.save else None
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            self.jsonl = (out / "train_log.jsonl").open("a")
+        if args.tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(args.tensorboard_dir)
+            except ImportError:
+                print("tensorboard is not installed: no TensorBoard scalars")
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=args.train_iters, initial=start, desc="mask learning",
+                        disable=not args.progress, dynamic_ncols=True)
+        self.started = time.time()
+
+    def note(self, message: str) -> None:
+        if self.active:
+            (self.bar.write if self.bar else print)(message)
+
+    def log(self, metrics: dict) -> None:
+        if not self.active:
+            return
+        self.records.append(dict(metrics))
+        if self.jsonl:
+            self.jsonl.write(json.dumps(metrics) + "\n")
+            self.jsonl.flush()
+        if self.board:
+            for key, value in metrics.items():
+                if key != "iteration":
+                    self.board.add_scalar(f"train/{key}", value, metrics["iteration"])
+        self.bar.set_postfix({k: f"{metrics[k]:.3g}" for k in
+                              ("loss", "tau", "kappa", "lr", "flip_rate", "max_prob")
+                              if k in metrics}, refresh=False)
+        self.bar.update(metrics["iteration"] - self.bar.n)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.bar:
+            self.bar.close()
+        if self.jsonl:
+            self.jsonl.close()
+        if self.board:
+            self.board.close()
+        if self.args.save and self.records:
+            plot_training_log(Path(self.args.save) / "train_log.jsonl",
+                              Path(self.args.save) / "train_curves.png")
+
+
+def plot_training_log(log_path: Path, png_path: Path) -> Path | None:
+    """Loss and flip-rate curves from a JSONL log."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    its = [r["iteration"] for r in rows]
+    axes[0].plot(its, [r["loss"] for r in rows], label="train loss")
+    val = [(r["iteration"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        axes[0].plot(*zip(*val, strict=True), "o-", label="val loss (hard masks)")
+    axes[0].set_xlabel("iteration")
+    axes[0].legend()
+    flips = [(r["iteration"], r["flip_rate"]) for r in rows if "flip_rate" in r]
+    if flips:
+        axes[1].plot(*zip(*flips, strict=True))
+        axes[1].set_yscale("log")
+    axes[1].set_xlabel("iteration")
+    axes[1].set_title("share of groups whose argmax flipped")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
