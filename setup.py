@@ -26,6 +26,8 @@ setup(
         "sentencepiece",
         "tqdm",
         "pyyaml",
+        "matplotlib",  # loss / flip-rate curves
+        "tensorboard",  # training scalars
     ],
     extras_require={
         # triton runs the fused kernel's tests on CPU (TRITON_INTERPRET=1); GPU images ship it

@@ -1,0 +1,215 @@
+"""The trainer end to end through `maskllm train` (torchrun, gloo) on a tiny generated corpus."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Tokenizer, indexed dataset and model config for a 2-layer GPT (seconds to build)."""
+    from maskllm_megatron.data.preprocess import preprocess
+    from maskllm_megatron.data.tokenizer import train_tokenizer
+    from maskllm_megatron.model_config import ModelConfig
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the cat sat on a mat dog ran far away and then slept under old tree".split()
+    text = root / "text.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(40))
+                              for _ in range(400)))
+    docs = root / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))})
+                              for _ in range(400)))
+    model = train_tokenizer([text], root / "spm", vocab_size=300)
+    preprocess([docs], model, root / "data" / "docs", progress=False)
+    ModelConfig(transformer=dict(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                 ffn_hidden_size=128, activation="gelu", add_bias_linear=True),
+                vocab_size=384, max_sequence_length=32, tokenizer=str(model)).save(root / "model")
+    return root
+
+
+def _command(corpus, save, tp=1, pp=1, iters=6, extra=()):
+    nproc = tp * pp
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable])
+    return launcher + [
+        "-m", "maskllm_megatron.cli", "train", "--model-config", str(corpus / "model"),
+        "--data-path", str(corpus / "data" / "docs"), "--split", "90,10,0",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32",
+        "--train-iters", str(iters), "--save", str(save), "--save-interval", "1",
+        "--keep-checkpoints", "2", "--tensor-model-parallel-size", str(tp),
+        "--pipeline-model-parallel-size", str(pp), "--seed", "3", "--no-progress", *extra]
+
+
+def _run(cmd, check=True):
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def _log(save) -> list[dict]:
+    path = Path(save) / "train_log.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _plain_tensors(path) -> dict:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{Path(path).parent}/.pg", rank=0,
+                                world_size=1)
+    return dist_checkpointing.load_plain_tensors(str(path))
+
+
+def _final_logits(save, iteration):
+    tensors = _plain_tensors(Path(save) / f"iter_{iteration:07d}" / "model")
+    logits = {k: v for k, v in tensors.items() if k.endswith("mask_logits")}
+    assert len(logits) == 4
+    return logits
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_a_killed_run_resumes_bitwise(corpus, tmp_path, tp):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _run(_command(corpus, straight, tp=tp))
+    proc = subprocess.Popen(_command(corpus, killed, tp=tp), env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(r["iteration"] >= 3 for r in _log(killed)):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before_kill = max(r["iteration"] for r in _log(killed))
+    assert 3 <= done_before_kill < 6, "the kill must land mid-run"
+    _run(_command(corpus, killed, tp=tp))  # the same command again
+    assert (killed / "latest").read_text() == "iter_0000006"
+    want, got = _final_logits(straight, 6), _final_logits(killed, 6)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), f"{key} differs after resume at TP={tp}"
+    losses = {r["iteration"]: r["loss"] for r in _log(straight)}
+    for record in _log(killed):  # every iteration, before and after the kill, matches
+        assert record["loss"] == losses[record["iteration"]]
+    assert len(list(killed.glob("iter_???????"))) == 2  # --keep-checkpoints
+    assert (killed / "train_curves.png").stat().st_size > 0
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(corpus, tmp_path):
+    import shutil
+
+    save = tmp_path / "run"
+    _run(_command(corpus, save, iters=2))
+    # what a kill during the iteration-3 save leaves behind: a partial temporary directory,
+    # and (killed after the rename) a directory `latest` does not name yet
+    partial = save / "iter_0000003.tmp"
+    shutil.copytree(save / "iter_0000002" / "model", partial / "model")
+    (partial / "model" / "metadata.json").write_text("{truncated")
+    shutil.copytree(save / "iter_0000002", save / "iter_0000004")
+    (save / "iter_0000004" / "train_state.json").unlink()
+    proc = _run(_command(corpus, save, iters=3))
+    assert "final: iteration=3" in proc.stdout
+    assert [r["iteration"] for r in _log(save)] == [1, 2, 3]  # resumed from 2, not 0 or 4
+
+
+MAKE_CHECKPOINT = """  # a dense starting checkpoint, optionally with a NaN weight
+import sys, torch
+from maskllm_megatron import runtime
+from maskllm_megatron.checkpoint import save_model
+from maskllm_megatron.layers import attach_sampling, SamplingState, sparse_layers
+from maskllm_megatron.model_config import ModelConfig
+from maskllm_megatron.spec import build_gpt_model
+runtime.init_distributed(1, 1)
+cfg = ModelConfig.load(sys.argv[1])
+model = build_gpt_model(cfg.transformer_config(), cfg.vocab_size, cfg.max_sequence_length)
+attach_sampling(model, SamplingState())
+if sys.argv[3] == "nan":
+    with torch.no_grad():
+        sparse_layers(model)[0][1].weight[0, 0] = float("nan")
+save_model(model, sys.argv[2])
+runtime.shutdown()
+"""
+
+
+@pytest.mark.parametrize("budget", [0, 1])
+def test_non_finite_steps_are_refused_and_stop_the_run(corpus, tmp_path, budget):
+    poisoned, save = tmp_path / "poisoned", tmp_path / "run"
+    _run([sys.executable, "-c", MAKE_CHECKPOINT, str(corpus / "model"), str(poisoned), "nan"])
+    proc = _run(_command(corpus, save, iters=4, extra=[
+        "--load", str(poisoned), "--skip-nonfinite-steps", str(budget)]), check=False)
+    assert proc.returncode == 1
+    assert f"iteration {budget}: non-finite loss" in proc.stderr
+    assert f"{budget + 1} such steps exceed --skip-nonfinite-steps={budget}" in proc.stderr
+    assert not (save / "latest").exists()  # no step was taken, nothing was saved
+    assert _log(save) == []
+
+
+def test_pipeline_parallel_counts_every_stage_regulariser(corpus, tmp_path):
+    start = tmp_path / "start"  # both layouts start from the same weights
+    _run([sys.executable, "-c", MAKE_CHECKPOINT, str(corpus / "model"), str(start), "ok"])
+    load = ["--load", str(start)]
+    _run(_command(corpus, tmp_path / "pp1", iters=1, extra=load))
+    _run(_command(corpus, tmp_path / "pp2", pp=2, iters=1, extra=load))
+    (one,), (two,) = _log(tmp_path / "pp1"), _log(tmp_path / "pp2")
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert two["reg"] == pytest.approx(one["reg"], rel=1e-5)  # both stages' layers
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+
+
+def test_yaml_config_and_flags(tmp_path):
+    import argparse
+
+    from maskllm_megatron.train import add_train_arguments, args_from_namespace
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text("tensor-model-parallel-size: 2\ntrain_iters: 50\n"
+                      "gumbel-temperature-range: [3.0, 0.1]\nlr: 1.0e-4\n")
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = args_from_namespace(parser.parse_args(["--config", str(config), "--lr", "2e-4"]))
+    assert args.tensor_model_parallel_size == 2 and args.train_iters == 50
+    assert args.gumbel_temperature_range == [3.0, 0.1]
+    assert args.lr == 2e-4  # the command line wins over the file
+    assert args.gumbel_scale_range == [1e2, 5e2] and args.prior_strength == 3.0
+    config.write_text("tensor_parallel: 2\n")
+    with pytest.raises(ValueError, match="unknown setting 'tensor_parallel'"):
+        args_from_namespace(parser.parse_args(["--config", str(config)]))
+
+
+def test_blended_datasets_follow_weights_and_seed(corpus):
+    from maskllm_megatron.data.datasets import BatchLayout, build_gpt_datasets, parse_blend
+    from maskllm_megatron.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(corpus / "spm.model")
+    prefix = str(corpus / "data" / "docs")
+    assert parse_blend(["0.3", "a", "0.7", "b"]) == (["a", "b"], [0.3, 0.7])
+    assert parse_blend(["a"]) == (["a"], None)
+    first, _, _ = build_gpt_datasets(["1", prefix, "3", prefix], tokenizer, 32, 5, (400, 0, 0),
+                                     split="100,0,0")
+    again, _, _ = build_gpt_datasets(["1", prefix, "3", prefix], tokenizer, 32, 5, (400, 0, 0),
+                                     split="100,0,0")
+    other, _, _ = build_gpt_datasets(["1", prefix, "3", prefix], tokenizer, 32, 6, (400, 0, 0),
+                                     split="100,0,0")
+    counts = torch.bincount(torch.as_tensor(first.dataset_index[:400], dtype=torch.long))
+    assert abs(counts[1].item() / 400 - 0.75) < 0.05  # weights 1:3
+    assert all(torch.equal(torch.as_tensor(first[i]["tokens"]), torch.as_tensor(again[i]["tokens"]))
+               for i in range(20))
+    assert not all(torch.equal(torch.as_tensor(first[i]["tokens"]),
+                               torch.as_tensor(other[i]["tokens"])) for i in range(20))
+    layout = BatchLayout(micro_batch_size=2, global_batch_size=8, data_parallel_size=2)
+    seen = [i for k in range(2) for r in range(2) for i in layout.indices(3, k, r)]
+    assert sorted(seen) == list(range(24, 32))  # iteration 3 reads its own 8 samples
+    with pytest.raises(ValueError, match="multiple"):
+        BatchLayout(micro_batch_size=3, global_batch_size=8, data_parallel_size=2)
