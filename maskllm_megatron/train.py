@@ -600,26 +600,23 @@ def apply_prior_checkpoint(model, path: str | Path, strength: float) -> None:
 
     stored = dist_checkpointing.load_tensors_metadata(str(path))
     entries = _param_entries(model)
-    request, keys = {}, {}
-    for _, layer in sparse_layers(model):
+    request, kinds = {}, {}
+    layers = [layer for _, layer in sparse_layers(model)]
+    for index, layer in enumerate(layers):  # dict keys per layer: stacked layers share a key
         entry = entries[id(layer.mask_logits)]
         indices_key = entry.key[: -len(".mask_logits")] + ".mask_indices"
         if entry.key in stored:
-            request[entry.key] = dataclasses.replace(entry,
-                                                     data=torch.empty_like(entry.data))
-            keys[id(layer)] = (entry.key, "logits")
+            request[str(index)] = dataclasses.replace(entry, data=torch.empty_like(entry.data))
+            kinds[index] = "logits"
         elif indices_key in stored:
-            request[indices_key] = _indices_entry(entry, indices_key)
-            keys[id(layer)] = (indices_key, "indices")
+            request[str(index)] = _indices_entry(entry, indices_key)
+            kinds[index] = "indices"
         else:
             raise TrainingError(f"prior {path} has no mask for {entry.key}")
     loaded = dist_checkpointing.load(request, str(path))
-    for _, layer in sparse_layers(model):
-        key, kind = keys[id(layer)]
-        value = loaded[key]
-        value = value.data if hasattr(value, "data") and not isinstance(value, torch.Tensor) \
-            else value
-        indices = value.argmax(-1) if kind == "logits" else value.long()
+    for index, layer in enumerate(layers):
+        value = loaded[str(index)]
+        indices = value.argmax(-1) if kinds[index] == "logits" else value.long()
         pattern = layer.mask_settings.pattern
         layer.mask_logits.copy_(apply_prior(layer.mask_logits, indices_to_mask(indices, pattern),
                                             pattern, strength, scale=LOGITS_INIT_STD))

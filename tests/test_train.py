@@ -213,3 +213,17 @@ def test_blended_datasets_follow_weights_and_seed(corpus):
     assert sorted(seen) == list(range(24, 32))  # iteration 3 reads its own 8 samples
     with pytest.raises(ValueError, match="multiple"):
         BatchLayout(micro_batch_size=3, global_batch_size=8, data_parallel_size=2)
+
+
+def test_train_weights_with_masks_off_is_dense_pretraining(corpus, tmp_path):
+    start, save = tmp_path / "start", tmp_path / "run"
+    _run([sys.executable, "-c", MAKE_CHECKPOINT, str(corpus / "model"), str(start), "ok"])
+    _run(_command(corpus, save, iters=3, extra=["--load", str(start), "--train-weights",
+                                                "--dense", "--lr", "1e-3"]))
+    before, after = _plain_tensors(start), _plain_tensors(save / "iter_0000003" / "model")
+    weights = [k for k in before if k.endswith("linear_fc1.weight")]
+    assert weights and not torch.equal(before[weights[0]], after[weights[0]])
+    for key in (k for k in before if k.endswith("mask_logits")):
+        assert torch.equal(before[key], after[key])  # masks off: logits untouched
+    losses = [r["loss"] for r in _log(save)]
+    assert losses[-1] < losses[0]

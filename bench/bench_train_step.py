@@ -1,0 +1,99 @@
+"""Step time of mask learning vs a forward+backward of the same frozen dense model, on CPU.
+
+Both runs use the same model, weights and tokens. In the dense run only the embedding requires a
+gradient, so backward still propagates through every layer (as mask learning must), but no mask
+work happens. The script prints the median ratio (goal <= 1.25x) and the bytes of training state
+per prunable weight (goal <= 13). It writes JSON.
+
+    python bench/bench_train_step.py [--layers 4 --hidden 256 --seq 256 --batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="bench/results/train_step.json")
+    args = parser.parse_args()
+
+    from maskllm_megatron import runtime
+    from maskllm_megatron.layers import (
+        MaskSettings,
+        SamplingState,
+        attach_sampling,
+        set_mask_mode,
+        sparse_layers,
+    )
+    from maskllm_megatron.model_config import ModelConfig
+    from maskllm_megatron.spec import build_gpt_model
+
+    runtime.init_distributed(1, 1)
+    cfg = ModelConfig(transformer=dict(num_layers=args.layers, hidden_size=args.hidden,
+                                       num_attention_heads=max(1, args.hidden // 64),
+                                       activation="gelu"),
+                      vocab_size=args.vocab, max_sequence_length=args.seq)
+    model = build_gpt_model(cfg.transformer_config(), args.vocab, args.seq, MaskSettings())
+    state = SamplingState(seed=1)
+    attach_sampling(model, state)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq))
+    positions = torch.arange(args.seq).expand(args.batch, args.seq)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens, positions, None, labels=tokens).float().mean()
+        loss.backward()
+
+    def timed(mode: str) -> float:
+        set_mask_mode(model, mode)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.endswith("mask_logits") if mode == "learn"
+                                 else "word_embeddings" in name)
+        step()  # warm-up
+        times = []
+        for i in range(args.repeats):
+            state.iteration = i
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    dense, learn = timed("dense"), timed("learn")
+    layers = [layer for _, layer in sparse_layers(model)]
+    prunable = sum(layer.weight.numel() for layer in layers)
+    logits = sum(layer.mask_logits.numel() for layer in layers)
+    state_bytes = logits * 4 * 4  # fp32 logits, gradients, Adam exp_avg and exp_avg_sq
+    result = dict(tokens=args.batch * args.seq, dense_s=dense, mask_learning_s=learn,
+                  ratio=learn / dense, prunable_weights=prunable,
+                  state_bytes_per_prunable_weight=state_bytes / prunable,
+                  threads=torch.get_num_threads())
+    print(f"{'run':<16} {'median s':>9}")
+    print(f"{'frozen dense':<16} {dense:9.3f}")
+    print(f"{'mask learning':<16} {learn:9.3f}")
+    print(f"ratio {result['ratio']:.2f}x (goal <= 1.25x); state "
+          f"{result['state_bytes_per_prunable_weight']:.1f} bytes per prunable weight "
+          "(goal <= 13; the original needs about 27)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    runtime.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
