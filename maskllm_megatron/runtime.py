@@ -183,6 +183,7 @@ def set_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_
                          f"size ({world})")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+        _destroy_subgroups()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if not torch.cuda.is_available():
         from megatron.core.tensor_parallel import random as mrandom
@@ -192,6 +193,16 @@ def set_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return current_layout()
+
+
+def _destroy_subgroups() -> None:
+    """Free every process group but the world: megatron's destroy_model_parallel only drops its
+    references, and each leftover gloo group keeps its own polling threads alive (hundreds after
+    many re-layouts, which slows everything else on the machine)."""
+    world = dist.group.WORLD
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not world and group is not None:
+            dist.destroy_process_group(group)
 
 
 def current_layout() -> ParallelLayout:

@@ -35,6 +35,7 @@ from .checkpoint import load_model, save_model
 from .layers import MaskSettings, SamplingState, attach_sampling, sparse_layers
 from .model_config import ModelConfig
 from .nm import NMPattern, apply_prior
+from .optim import FULL, MaskAdamW, mask_state_format
 from .schedules import GumbelSchedule
 
 
@@ -67,6 +68,9 @@ class TrainArgs:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
+    main_grads_dtype: str = "bf16"  # mask-logit gradient buffers (fp32: exact accumulation)
+    exp_avg_dtype: str = "bf16"  # Adam first moment of the logits
+    second_moment: str = "group"  # Adam second moment per N:M group, or per logit ("element")
     clip_grad: float = 1.0
     N: int = 2
     M: int = 4
@@ -96,6 +100,7 @@ class TrainArgs:
             raise ValueError("--lr-decay-style must be cosine, linear or constant")
         if self.dense and not self.train_weights:
             raise ValueError("--dense (masks off) only makes sense with --train-weights")
+        mask_state_format(self.main_grads_dtype, self.exp_avg_dtype, self.second_moment)
         if self.train_iters < 1:
             raise ValueError("--train-iters must be positive")
         for name in ("gumbel_temperature_range", "gumbel_scale_range"):
@@ -183,9 +188,8 @@ def train(args: TrainArgs) -> dict:
     seq_length = args.seq_length or model_cfg.max_sequence_length
     pattern = NMPattern(args.N, args.M)
     model, state = _build_model(args, model_cfg, layout)
-    params = _trainable(model, args)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  eps=args.adam_eps, weight_decay=args.weight_decay)
+    optimizer = _optimizer(model, args)
+    params = optimizer.params()
     start = _restore(args, model, optimizer, pattern)
     if main_rank:
         _print_memory_table(model, optimizer, args)
@@ -214,7 +218,7 @@ def train(args: TrainArgs) -> dict:
         reg_weight = args.weight_reg * (1.0 - iteration / args.train_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss, reg = _forward_backward(model, state, train_ds, batches, iteration, seq_length,
                                       reg_weight, args)
         _reduce_gradients(model, params)
@@ -276,17 +280,23 @@ def _build_model(args: TrainArgs, cfg: ModelConfig, layout):
     return model, state
 
 
-def _trainable(model, args: TrainArgs) -> list[torch.nn.Parameter]:
-    """Mask logits only, unless --train-weights: nothing else gets gradients or Adam state."""
-    params = []
+def _optimizer(model, args: TrainArgs) -> MaskAdamW:
+    """Mask logits only (compact state), unless --train-weights: nothing else gets gradients
+    or Adam state. Weights, when trained, get plain fp32 AdamW state."""
+    logits, others = [], []
     for name, param in model.named_parameters():
-        learn = (name.endswith("mask_logits") and not args.dense) or args.train_weights
+        is_logits = name.endswith("mask_logits")
+        learn = (is_logits and not args.dense) or args.train_weights
         param.requires_grad_(learn)
         if learn:
-            params.append(param)
-    if not params:
+            (logits if is_logits else others).append(param)
+    if not logits and not others:
         raise TrainingError("nothing to train: the model has no sparse layers")
-    return params
+    fmt = mask_state_format(args.main_grads_dtype, args.exp_avg_dtype, args.second_moment)
+    groups = [g for g in ({"params": logits, "format": fmt}, {"params": others, "format": FULL})
+              if g["params"]]
+    return MaskAdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                     eps=args.adam_eps, weight_decay=args.weight_decay)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -335,21 +345,25 @@ def _forward_backward(model, state, dataset, batches, iteration, seq_length, reg
 
 
 def _reduce_gradients(model, params) -> None:
-    """Average gradients over data parallel; sum tied embeddings across the pipeline ends."""
+    """Average gradients over data parallel; sum tied embeddings across the pipeline ends.
+
+    Reduced one parameter at a time in fp32 (whatever the buffer's dtype), so the transient
+    copy is one layer's, not the model's."""
     from megatron.core import parallel_state as ps
 
-    grads = [p.grad for p in params if p.grad is not None]
-    if ps.get_data_parallel_world_size() > 1 and grads:
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=ps.get_data_parallel_group())
-        flat /= ps.get_data_parallel_world_size()
-        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads),
-                                strict=True):
-            grad.copy_(synced)
+    def reduce(param, group, scale=1.0):
+        grad = param.main_grad.float()
+        dist.all_reduce(grad, group=group)
+        param.main_grad.copy_(grad.mul_(scale) if scale != 1.0 else grad)
+
+    dp = ps.get_data_parallel_world_size()
+    if dp > 1:
+        for param in params:
+            reduce(param, ps.get_data_parallel_group(), 1.0 / dp)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         for param in params:
-            if getattr(param, "shared_embedding", False) and param.grad is not None:
-                dist.all_reduce(param.grad, group=ps.get_embedding_group())
+            if getattr(param, "shared_embedding", False):
+                reduce(param, ps.get_embedding_group())
 
 
 def _clip_gradients(params, max_norm: float) -> float:
@@ -359,16 +373,15 @@ def _clip_gradients(params, max_norm: float) -> float:
 
     total = torch.zeros(1, dtype=torch.float64)
     for param in params:
-        if param.grad is not None and param_is_not_tensor_parallel_duplicate(param):
+        if param_is_not_tensor_parallel_duplicate(param):
             if getattr(param, "shared_embedding", False) and not ps.is_pipeline_first_stage():
                 continue  # tied copy on the last stage: counted on the first
-            total += param.grad.double().square().sum()
+            total += param.main_grad.double().square().sum()
     dist.all_reduce(total, group=ps.get_model_parallel_group())
     norm = float(total.sqrt())
     if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         for param in params:
-            if param.grad is not None:
-                param.grad.mul_(max_norm / (norm + 1e-6))
+            param.main_grad.mul_(max_norm / (norm + 1e-6))
     return norm
 
 
@@ -460,25 +473,16 @@ def _optimizer_sharded_state(model, optimizer) -> dict:
     Dict keys are ``"{moment}:{index}"`` (index in optimizer order); checkpoint keys follow the
     parameter's, so stacked layers that share a key keep their own offsets.
     """
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     entries = _param_entries(model)
     sharded = {}
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for index, param in enumerate(params):
+    for index, param in enumerate(optimizer.params()):
         entry = entries.get(id(param))
         if entry is None:
             raise TrainingError("a trained parameter is missing from the sharded state dict")
         slot = optimizer.state[param]
         for name in ("exp_avg", "exp_avg_sq"):
-            if name not in slot:
-                slot[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            key = f"optimizer.{name}.{entry.key}"
-            if isinstance(entry, ShardedTensor):
-                sharded[f"{name}:{index}"] = dataclasses.replace(
-                    entry, key=key, data=slot[name], dtype=slot[name].dtype)
-            else:
-                sharded[f"{name}:{index}"] = dataclasses.replace(entry, key=key, data=slot[name])
+            sharded[f"{name}:{index}"] = _entry_like(entry, f"optimizer.{name}.{entry.key}",
+                                                    slot[name])
     return sharded
 
 
@@ -502,13 +506,13 @@ def save_checkpoint(model, optimizer, args: TrainArgs, iteration: int) -> Path:
             (tmp / part).mkdir(parents=True)
     dist.barrier()
     save_model(model, tmp / "model")
-    for param in (p for g in optimizer.param_groups for p in g["params"]):
-        optimizer.state[param].setdefault("step", torch.tensor(0.0))
     dist_checkpointing.save(_optimizer_sharded_state(model, optimizer), str(tmp / "optimizer"))
     if rank0:
         (tmp / "train_state.json").write_text(json.dumps({
             "iteration": iteration, "seed": args.seed, "pattern": f"{args.N}:{args.M}",
             "consumed_samples": iteration * args.global_batch_size,
+            "optimizer_steps": [int(optimizer.state[p]["step"]) for p in optimizer.params()],
+            "optimizer_state": _optimizer_format(args),
             "tensor_model_parallel_size": args.tensor_model_parallel_size,
             "pipeline_model_parallel_size": args.pipeline_model_parallel_size}))
         os.replace(tmp, final)
@@ -555,17 +559,23 @@ def _restore(args: TrainArgs, model, optimizer, pattern: NMPattern) -> int:
         if meta["pattern"] != str(pattern) or meta["seed"] != args.seed:
             raise TrainingError(f"{resume} was written with pattern {meta['pattern']} and seed "
                                 f"{meta['seed']}; this run uses {pattern} and {args.seed}")
+        if meta.get("optimizer_state") != _optimizer_format(args):
+            raise TrainingError(f"{resume} holds optimizer state {meta.get('optimizer_state')}; "
+                                f"this run asks for {_optimizer_format(args)}")
+        params = optimizer.params()
+        if len(meta["optimizer_steps"]) != len(params):
+            raise TrainingError(f"{resume} has optimizer state for {len(meta['optimizer_steps'])}"
+                                f" parameters; this run trains {len(params)}")
         load_model(model, resume / "model")
         sharded = _optimizer_sharded_state(model, optimizer)
         loaded = dist_checkpointing.load(sharded, str(resume / "optimizer"))
-        params = [p for g in optimizer.param_groups for p in g["params"]]
         for index, param in enumerate(params):
             slot = optimizer.state[param]
             for name in ("exp_avg", "exp_avg_sq"):
                 value = loaded[f"{name}:{index}"]
                 if value is not slot[name]:
                     slot[name].copy_(value)
-            slot["step"] = torch.tensor(float(meta["iteration"]))
+            slot["step"] = torch.tensor(float(meta["optimizer_steps"][index]))
         return int(meta["iteration"])
     if args.load:
         load_model(model, model_dir(args.load), missing_masks="keep")
@@ -574,15 +584,27 @@ def _restore(args: TrainArgs, model, optimizer, pattern: NMPattern) -> int:
     return 0
 
 
-def _indices_entry(entry, key: str):
-    """A ``mask_indices`` entry shaped like ``entry`` (a logits entry) without its last axis."""
+def _optimizer_format(args: TrainArgs) -> dict:
+    return {"main_grads_dtype": args.main_grads_dtype, "exp_avg_dtype": args.exp_avg_dtype,
+            "second_moment": args.second_moment, "train_weights": args.train_weights}
+
+
+def _entry_like(entry, key: str, data: torch.Tensor):
+    """An entry laid out like ``entry`` (a logits entry) for ``data``, whose last axis is the
+    same, of size 1 (per-group Adam moment) or absent (``mask_indices``). The last axis is
+    never sharded, so offsets and fragmentation carry over."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    data = torch.empty(entry.data.shape[:-1], dtype=torch.uint8)
     if not isinstance(entry, ShardedTensor):  # SwiGLU factory: rebuilt from the data's shape
         return dataclasses.replace(entry, key=key, data=data)
+    if data.dim() == entry.data.dim():
+        last = lambda shape, size: tuple(shape[:-1]) + (size,)  # noqa: E731
+        return dataclasses.replace(
+            entry, key=key, data=data, dtype=data.dtype,
+            local_shape=last(entry.local_shape, data.shape[-1]),
+            global_shape=last(entry.global_shape, data.shape[-1]))
     return dataclasses.replace(
-        entry, key=key, data=data, dtype=torch.uint8, local_shape=entry.local_shape[:-1],
+        entry, key=key, data=data, dtype=data.dtype, local_shape=entry.local_shape[:-1],
         global_shape=entry.global_shape[:-1], global_offset=entry.global_offset[:-1],
         axis_fragmentations=(entry.axis_fragmentations[:-1]
                              if entry.axis_fragmentations is not None else None))
@@ -609,7 +631,8 @@ def apply_prior_checkpoint(model, path: str | Path, strength: float) -> None:
             request[str(index)] = dataclasses.replace(entry, data=torch.empty_like(entry.data))
             kinds[index] = "logits"
         elif indices_key in stored:
-            request[str(index)] = _indices_entry(entry, indices_key)
+            request[str(index)] = _entry_like(
+                entry, indices_key, torch.empty(entry.data.shape[:-1], dtype=torch.uint8))
             kinds[index] = "indices"
         else:
             raise TrainingError(f"prior {path} has no mask for {entry.key}")
@@ -625,26 +648,32 @@ def apply_prior_checkpoint(model, path: str | Path, strength: float) -> None:
 # ----------------------------------------------------------------------------- what users see
 
 
-def _print_memory_table(model, optimizer, args: TrainArgs) -> None:
-    """Per-rank training state, and bytes of it per prunable weight (goal: <= 13)."""
-    prunable = frozen = logits = 0
+def memory_table(model, optimizer) -> list[tuple[str, int]]:
+    """(what, bytes) of this rank's training state; the last row is bytes per prunable weight.
+
+    Trained parameters, their gradient buffers and Adam moments count as training state; the
+    frozen weights are listed but not counted (they are the model, not the training)."""
+    prunable = frozen = 0
     for _, layer in sparse_layers(model):
         prunable += layer.weight.numel()
-        frozen += layer.weight.numel() * layer.weight.element_size()
-        if layer.mode != "fixed":
-            logits += layer.mask_logits.numel() * 4
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grads = sum(p.numel() * 4 for p in params)  # fp32 gradients
-    adam = sum(2 * p.numel() * 4 for p in params)  # exp_avg + exp_avg_sq
-    state = (logits if not args.train_weights else sum(p.numel() * p.element_size()
-                                                        for p in params)) + grads + adam
-    rows = [("frozen sparse weights", frozen), ("mask logits (fp32)", logits),
-            ("gradients (fp32)", grads), ("Adam state (fp32)", adam)]
-    print("training state on rank 0")
-    for name, value in rows:
+        if not layer.weight.requires_grad:
+            frozen += layer.weight.numel() * layer.weight.element_size()
+    held = optimizer.state_bytes()
+    rows = [("frozen sparse weights", frozen), ("trained parameters", held["param"]),
+            ("gradients (main_grad)", held["main_grad"]), ("Adam exp_avg", held["exp_avg"]),
+            ("Adam exp_avg_sq", held["exp_avg_sq"])]
+    return rows + [("per prunable weight", sum(held.values()) / max(1, prunable))]
+
+
+def _print_memory_table(model, optimizer, args: TrainArgs) -> None:
+    rows = memory_table(model, optimizer)
+    fmt = _optimizer_format(args)
+    print(f"training state on rank 0 (mask gradients {fmt['main_grads_dtype']}, exp_avg "
+          f"{fmt['exp_avg_dtype']}, exp_avg_sq per {fmt['second_moment']})")
+    for name, value in rows[:-1]:
         print(f"  {name:<24} {value / 2**20:10.2f} MiB")
-    print(f"  {'per prunable weight':<24} {state / max(1, prunable):10.2f} bytes "
-          "(logits + gradients + Adam state)")
+    print(f"  {'per prunable weight':<24} {rows[-1][1]:10.2f} bytes "
+          "(trained parameters + gradients + Adam state; goal <= 13)")
 
 
 class _Logger:

@@ -88,8 +88,7 @@ def test_a_killed_run_resumes_bitwise(corpus, tmp_path, tp):
     _run(_command(corpus, straight, tp=tp))
     proc = subprocess.Popen(_command(corpus, killed, tp=tp), env=ENV, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(r["iteration"] >= 3 for r in _log(killed)):
+    while proc.poll() is None and not any(r["iteration"] >= 3 for r in _log(killed)):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -122,6 +121,12 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(corpus, tm
     proc = _run(_command(corpus, save, iters=3))
     assert "final: iteration=3" in proc.stdout
     assert [r["iteration"] for r in _log(save)] == [1, 2, 3]  # resumed from 2, not 0 or 4
+    # resuming with another optimizer state format is refused, naming both
+    proc = _run(_command(corpus, save, iters=4, extra=["--second-moment", "element"]),
+                check=False)
+    assert proc.returncode != 0
+    assert "'second_moment': 'group'" in proc.stderr and "'element'" in proc.stderr
+    assert (save / "latest").read_text() == "iter_0000003"
 
 
 MAKE_CHECKPOINT = """  # a dense starting checkpoint, optionally with a NaN weight
