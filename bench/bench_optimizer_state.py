@@ -6,7 +6,7 @@ hidden 2:4 mask. Masks are learned from a neutral start with the trainer's sched
 of groups whose learned argmax equals the planted mask and the hard-mask loss, with the bytes of
 state per prunable weight. Writes JSON.
 
-    python bench/bench_optimizer_state.py [--steps 300 --seeds 3]
+    python bench/bench_optimizer_state.py [--steps 1000 --seeds 2]
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
-FORMATS = {  # name -> (main grads, exp_avg, second moment)
-    "fp32 AdamW (original)": ("fp32", "fp32", "element"),
-    "bf16 grads + exp_avg": ("bf16", "bf16", "element"),
-    "compact (default)": ("bf16", "bf16", "group"),
+FORMATS = {  # name -> (main grads, exp_avg, exp_avg_sq, second moment)
+    "fp32 AdamW (original)": ("fp32", "fp32", "fp32", "element"),
+    "bf16 grads + exp_avg": ("bf16", "bf16", "fp32", "element"),
+    "all bf16 (default)": ("bf16", "bf16", "bf16", "element"),
+    "bf16 + fp16 exp_avg_sq": ("bf16", "bf16", "fp16", "element"),
+    "per-group exp_avg_sq": ("bf16", "bf16", "fp32", "group"),
 }
 
 
@@ -75,8 +77,8 @@ def run(fmt_flags, seed: int, steps: int, width: int, batch: int, lr: float) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--lr", type=float, default=5e-2)

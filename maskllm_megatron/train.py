@@ -70,7 +70,8 @@ class TrainArgs:
     adam_eps: float = 1e-8
     main_grads_dtype: str = "bf16"  # mask-logit gradient buffers (fp32: exact accumulation)
     exp_avg_dtype: str = "bf16"  # Adam first moment of the logits
-    second_moment: str = "group"  # Adam second moment per N:M group, or per logit ("element")
+    exp_avg_sq_dtype: str = "bf16"  # Adam second moment of the logits
+    second_moment: str = "element"  # per logit, or per N:M group (13 B/weight, see optim.py)
     clip_grad: float = 1.0
     N: int = 2
     M: int = 4
@@ -100,7 +101,8 @@ class TrainArgs:
             raise ValueError("--lr-decay-style must be cosine, linear or constant")
         if self.dense and not self.train_weights:
             raise ValueError("--dense (masks off) only makes sense with --train-weights")
-        mask_state_format(self.main_grads_dtype, self.exp_avg_dtype, self.second_moment)
+        mask_state_format(self.main_grads_dtype, self.exp_avg_dtype, self.exp_avg_sq_dtype,
+                          self.second_moment)
         if self.train_iters < 1:
             raise ValueError("--train-iters must be positive")
         for name in ("gumbel_temperature_range", "gumbel_scale_range"):
@@ -292,7 +294,8 @@ def _optimizer(model, args: TrainArgs) -> MaskAdamW:
             (logits if is_logits else others).append(param)
     if not logits and not others:
         raise TrainingError("nothing to train: the model has no sparse layers")
-    fmt = mask_state_format(args.main_grads_dtype, args.exp_avg_dtype, args.second_moment)
+    fmt = mask_state_format(args.main_grads_dtype, args.exp_avg_dtype, args.exp_avg_sq_dtype,
+                            args.second_moment)
     groups = [g for g in ({"params": logits, "format": fmt}, {"params": others, "format": FULL})
               if g["params"]]
     return MaskAdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
@@ -586,7 +589,8 @@ def _restore(args: TrainArgs, model, optimizer, pattern: NMPattern) -> int:
 
 def _optimizer_format(args: TrainArgs) -> dict:
     return {"main_grads_dtype": args.main_grads_dtype, "exp_avg_dtype": args.exp_avg_dtype,
-            "second_moment": args.second_moment, "train_weights": args.train_weights}
+            "exp_avg_sq_dtype": args.exp_avg_sq_dtype, "second_moment": args.second_moment,
+            "train_weights": args.train_weights}
 
 
 def _entry_like(entry, key: str, data: torch.Tensor):
@@ -669,7 +673,8 @@ def _print_memory_table(model, optimizer, args: TrainArgs) -> None:
     rows = memory_table(model, optimizer)
     fmt = _optimizer_format(args)
     print(f"training state on rank 0 (mask gradients {fmt['main_grads_dtype']}, exp_avg "
-          f"{fmt['exp_avg_dtype']}, exp_avg_sq per {fmt['second_moment']})")
+          f"{fmt['exp_avg_dtype']}, exp_avg_sq {fmt['exp_avg_sq_dtype']} per "
+          f"{fmt['second_moment']})")
     for name, value in rows[:-1]:
         print(f"  {name:<24} {value / 2**20:10.2f} MiB")
     print(f"  {'per prunable weight':<24} {rows[-1][1]:10.2f} bytes "

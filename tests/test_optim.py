@@ -68,10 +68,10 @@ def test_float64_storage_matches_the_written_out_reference(problem, per_group):
 
 def test_bf16_storage_stays_close_to_exact(problem):
     start, grads = problem
-    exact = _reference(grads, start.float(), per_group=True)
+    exact = _reference(grads, start.float(), per_group=False)
     got, opt = _run(mask_state_format(), grads, start.float())
     slot = next(iter(opt.state.values()))
-    assert slot["exp_avg"].dtype == torch.bfloat16 and slot["exp_avg_sq"].dtype == torch.float32
+    assert slot["exp_avg"].dtype == slot["exp_avg_sq"].dtype == torch.bfloat16
     # six steps of lr 3e-2 move a logit by up to ~0.18; bf16 gradients and exp_avg keep ~3
     # significant digits of each step
     assert (got.double() - exact).abs().max() < 2e-3
@@ -80,10 +80,12 @@ def test_bf16_storage_stays_close_to_exact(problem):
 
 def test_chunking_does_not_change_the_result(problem, monkeypatch):
     start, grads = problem
-    whole, _ = _run(mask_state_format(), grads, start.float())
-    monkeypatch.setattr(optim, "_CHUNK", 13)  # chunks of 2 groups, and a ragged tail
-    chunked, _ = _run(mask_state_format(), grads, start.float())
-    assert torch.equal(whole, chunked)
+    for fmt in (mask_state_format(), mask_state_format(second_moment="group")):
+        monkeypatch.setattr(optim, "_CHUNK", 1 << 22)
+        whole, _ = _run(fmt, grads, start.float())
+        monkeypatch.setattr(optim, "_CHUNK", 13)  # 13 logits, or 2 groups; a ragged tail
+        chunked, _ = _run(fmt, grads, start.float())
+        assert torch.equal(whole, chunked)
 
 
 def test_gradients_accumulate_into_main_grad_only():
@@ -98,14 +100,16 @@ def test_gradients_accumulate_into_main_grad_only():
     assert not param.main_grad.any()
 
 
-def test_2_4_logits_cost_13_bytes_per_prunable_weight():
+@pytest.mark.parametrize("flags,expected", [
+    ((), 15.0),  # the default: fp32 logits, bf16 gradients and moments
+    (("bf16", "bf16", "fp32", "group"), 13.0),
+    (("fp32", "fp32", "fp32", "element"), 24.0),  # plain fp32 AdamW
+])
+def test_bytes_of_state_per_prunable_2_4_weight(flags, expected):
     out, groups = 16, 32  # a 16 x 128 weight
     logits = torch.nn.Parameter(torch.zeros(out, groups, 6))
-    opt = MaskAdamW([{"params": [logits], "format": mask_state_format()}])
-    assert sum(opt.state_bytes().values()) / (out * groups * 4) == 13.0
-    full = MaskAdamW([{"params": [torch.nn.Parameter(torch.zeros(out, groups, 6))],
-                       "format": mask_state_format("fp32", "fp32", "element")}])
-    assert sum(full.state_bytes().values()) / (out * groups * 4) == 24.0
+    opt = MaskAdamW([{"params": [logits], "format": mask_state_format(*flags)}])
+    assert sum(opt.state_bytes().values()) / (out * groups * 4) == expected
 
 
 def test_bad_format_flags_are_named():
