@@ -53,20 +53,28 @@ def _pattern_of(model) -> str | None:
     return patterns.pop() if patterns else None
 
 
-def save_model(model, path: str | Path) -> None:
-    """Save ``model.sharded_state_dict()`` (weights, biases, mask tensors) and the sidecar."""
+def save_model(model, path: str | Path, masks_only: bool = False) -> None:
+    """Save ``model.sharded_state_dict()`` (weights, biases, mask tensors) and the sidecar.
+
+    ``masks_only``: just the mask tensors (a small checkpoint for ``maskllm train --prior``)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sharded = model.sharded_state_dict()
+    if masks_only:
+        sharded = {str(i): item for i, item in enumerate(_walk(sharded))
+                   if str(getattr(item, "key", "")).endswith(MASK_SUFFIXES)}
     dist_checkpointing.save(sharded, str(path))
-    local = {"pattern": _pattern_of(model), "masks": mask_tensor_shapes(sharded)}
+    local = {"pattern": _pattern_of(model), "masks": mask_tensor_shapes(sharded),
+             "modes": sorted({layer.mode for _, layer in sparse_layers(model)})}
     gathered = [None] * dist.get_world_size() if dist.is_initialized() else [local]
     if dist.is_initialized():
         dist.all_gather_object(gathered, local)
     if not dist.is_initialized() or dist.get_rank() == 0:
         patterns = {g["pattern"] for g in gathered if g["pattern"] is not None}
         masks = {k: list(v) for g in gathered for k, v in g["masks"].items()}
+        modes = sorted({m for g in gathered for m in g["modes"]})
         sidecar = {"format": FORMAT_VERSION, "pattern": patterns.pop() if patterns else None,
+                   "mask_modes": modes,  # "dense": the masks were off (dense training)
                    "mask_tensors": dict(sorted(masks.items()))}
         tmp = path / (SIDECAR + ".tmp")
         tmp.write_text(json.dumps(sidecar, indent=1))

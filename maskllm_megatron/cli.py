@@ -72,6 +72,48 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_distributed(fn, args: argparse.Namespace, name: str) -> int:
+    """Run a distributed command; a bad input is one clear line on stderr, exit code 1."""
+    from . import runtime
+
+    try:
+        fn(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"maskllm {name}: {err}", file=sys.stderr)
+        return 1
+    finally:
+        runtime.shutdown()
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .prune import run_prune
+
+    return _run_distributed(run_prune, args, "prune")
+
+
+def _cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from .evaluate import run_eval_ppl
+
+    return _run_distributed(run_eval_ppl, args, "eval-ppl")
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by the commands that build a model from a checkpoint."""
+    p.add_argument("--load", required=True, help="checkpoint directory (a run, iter_N or model)")
+    p.add_argument("--model-config", help="model_config.json or its directory "
+                   "(default: the one beside --load)")
+    p.add_argument("--tokenizer", help="default: the model config's tokenizer")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--seq-length", type=int, help="default: the model's max sequence length")
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--N", type=int, default=2)
+    p.add_argument("--M", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -102,6 +144,30 @@ def build_parser() -> argparse.ArgumentParser:
     trn = sub.add_parser("train", help="learn N:M masks (or train weights) with TP/PP/DP")
     add_train_arguments(trn)
     trn.set_defaults(func=_cmd_train)
+
+    prn = sub.add_parser("prune", help="one-shot N:M masks (magnitude, Wanda, SparseGPT)")
+    _add_model_arguments(prn)
+    prn.add_argument("--method", required=True,
+                     help="magnitude | wanda | sparsegpt")
+    prn.add_argument("--data-path", nargs="+", default=[],
+                     help="calibration data (indexed dataset prefixes, as for training)")
+    prn.add_argument("--calib-samples", type=int, default=128)
+    prn.add_argument("--update-weights", action="store_true",
+                     help="keep SparseGPT's weight updates (default: original weights x mask, "
+                          "the MaskLLM prior setting)")
+    prn.add_argument("--row-parallel-hessian", default="gather", choices=["gather", "shard"],
+                     help="SparseGPT on row-parallel layers: the exact full-row problem "
+                          "(gather) or each shard's own columns (shard)")
+    prn.add_argument("--save", required=True, help="writes SAVE/pruned and SAVE/masks")
+    prn.set_defaults(func=_cmd_prune)
+
+    ppl = sub.add_parser("eval-ppl", help="perplexity of a text file (pinned protocol)")
+    _add_model_arguments(ppl)
+    ppl.add_argument("--text", required=True, help="UTF-8 text file, tokenised whole")
+    ppl.add_argument("--masks", default="auto", choices=["auto", "dense"],
+                     help="auto: the checkpoint's masks (argmax of logits, or fixed); dense: "
+                          "ignore them")
+    ppl.set_defaults(func=_cmd_eval_ppl)
     return parser
 
 

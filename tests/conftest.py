@@ -5,6 +5,9 @@ import os
 # Must be set before triton kernels are defined (at import of maskllm_megatron.sampling).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import json  # noqa: E402
+import random  # noqa: E402
+
 import pytest  # noqa: E402
 from dist_harness import DistributedPool  # noqa: E402
 
@@ -15,3 +18,27 @@ def dist4():
     pool = DistributedPool(4)
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Tokenizer, indexed dataset and model config for a 2-layer GPT (seconds to build)."""
+    from maskllm_megatron.data.preprocess import preprocess
+    from maskllm_megatron.data.tokenizer import train_tokenizer
+    from maskllm_megatron.model_config import ModelConfig
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the cat sat on a mat dog ran far away and then slept under old tree".split()
+    text = root / "text.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(40))
+                              for _ in range(400)))
+    docs = root / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))})
+                              for _ in range(400)))
+    model = train_tokenizer([text], root / "spm", vocab_size=300)
+    preprocess([docs], model, root / "data" / "docs", progress=False)
+    ModelConfig(transformer=dict(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                 ffn_hidden_size=128, activation="gelu", add_bias_linear=True),
+                vocab_size=384, max_sequence_length=32, tokenizer=str(model)).save(root / "model")
+    return root

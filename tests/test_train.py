@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,30 +12,6 @@ import pytest
 import torch
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Tokenizer, indexed dataset and model config for a 2-layer GPT (seconds to build)."""
-    from maskllm_megatron.data.preprocess import preprocess
-    from maskllm_megatron.data.tokenizer import train_tokenizer
-    from maskllm_megatron.model_config import ModelConfig
-
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "the cat sat on a mat dog ran far away and then slept under old tree".split()
-    text = root / "text.txt"
-    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(40))
-                              for _ in range(400)))
-    docs = root / "docs.jsonl"
-    docs.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))})
-                              for _ in range(400)))
-    model = train_tokenizer([text], root / "spm", vocab_size=300)
-    preprocess([docs], model, root / "data" / "docs", progress=False)
-    ModelConfig(transformer=dict(num_layers=2, hidden_size=64, num_attention_heads=4,
-                                 ffn_hidden_size=128, activation="gelu", add_bias_linear=True),
-                vocab_size=384, max_sequence_length=32, tokenizer=str(model)).save(root / "model")
-    return root
 
 
 def _command(corpus, save, tp=1, pp=1, iters=6, extra=()):
