@@ -98,6 +98,21 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     return _run_distributed(run_eval_ppl, args, "eval-ppl")
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from . import convert
+
+    def run(a):
+        if a.direction == "hf-to-mcore":
+            cfg = convert.hf_to_mcore(a.hf, a.out, a.tp, a.pp, a.make_vocab_size_divisible_by,
+                                      a.tokenizer, progress=a.progress)
+            print(f"wrote {a.out}: megatron-core checkpoint + model_config.json "
+                  f"({cfg.transformer['num_layers']} layers, vocab {cfg.vocab_size} padded)")
+        else:
+            print(f"wrote {convert.mcore_to_hf(a.mcore, a.out, progress=a.progress)}")
+
+    return _run_distributed(run, args, f"convert {args.direction}")
+
+
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that build a model from a checkpoint."""
     p.add_argument("--load", required=True, help="checkpoint directory (a run, iter_N or model)")
@@ -168,6 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: the checkpoint's masks (argmax of logits, or fixed); dense: "
                           "ignore them")
     ppl.set_defaults(func=_cmd_eval_ppl)
+
+    conv = sub.add_parser("convert", help="Hugging Face <-> megatron-core checkpoints")
+    way = conv.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    h2m = way.add_parser("hf-to-mcore", help="LlamaForCausalLM, NemotronForCausalLM, "
+                         "GPT2LMHeadModel -> dist checkpoint + model_config.json")
+    h2m.add_argument("--hf", required=True, help="local Hugging Face model directory")
+    h2m.add_argument("--out", required=True)
+    h2m.add_argument("--tp", type=int, default=1, help="checked against heads and KV groups; "
+                     "the vocabulary is padded to a multiple of 128 x TP")
+    h2m.add_argument("--pp", type=int, default=1, help="checked against the layer count")
+    h2m.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    h2m.add_argument("--tokenizer", help="SentencePiece model or HF tokenizer directory "
+                     "(default: the tokenizer files in --hf, copied beside the checkpoint)")
+    m2h = way.add_parser("mcore-to-hf", help="a converted (or trained) checkpoint -> HF dir")
+    m2h.add_argument("--mcore", required=True, help="converted directory or a run directory")
+    m2h.add_argument("--out", required=True)
+    for p in (h2m, m2h):
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    conv.set_defaults(func=_cmd_convert)
     return parser
 
 

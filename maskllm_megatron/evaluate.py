@@ -27,9 +27,14 @@ def windows(tokens: torch.Tensor, seq_length: int) -> list[torch.Tensor]:
     return [w for w in out if len(w) >= 2]
 
 
-def _window_nll(model, batch: torch.Tensor) -> tuple[float, int] | None:
-    """Sum of NLL over the predicted tokens of a [b, L] batch of windows (last stage only)."""
+def _window_nll(model, batch: torch.Tensor, true_vocab: int | None) -> tuple[float, int]:
+    """Sum of NLL over the predicted tokens of a [b, L] batch of windows (last stage only).
+
+    Logits of padded vocabulary rows (``true_vocab`` and above) are excluded from the softmax:
+    a converted model's padding rows are zero, and would otherwise take probability mass."""
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     b, length = batch.shape
     labels = torch.zeros_like(batch)
@@ -40,10 +45,17 @@ def _window_nll(model, batch: torch.Tensor) -> tuple[float, int] | None:
     sums: list[torch.Tensor] = []
 
     def forward_step(data_iterator, model):
-        output = model(batch, positions, None, labels=labels)
+        output = model(batch, positions, None)  # [b, L, vocab / TP] on the last stage
 
-        def loss_func(out):
-            total = (out.double() * mask).sum()
+        def loss_func(logits):
+            logits = logits.float()
+            if true_vocab is not None:
+                width = logits.shape[-1]
+                start = ps.get_tensor_model_parallel_rank() * width
+                padded = torch.arange(start, start + width) >= true_vocab
+                logits = logits.masked_fill(padded, float("-inf"))
+            nll = vocab_parallel_cross_entropy(logits, labels)
+            total = (nll.double() * mask).sum()
             sums.append(total.detach())
             return total.float(), {}
 
@@ -57,7 +69,7 @@ def _window_nll(model, batch: torch.Tensor) -> tuple[float, int] | None:
 
 
 def perplexity(model, tokens: torch.Tensor, seq_length: int, micro_batch_size: int = 1,
-               progress: bool = False) -> dict:
+               progress: bool = False, true_vocab_size: int | None = None) -> dict:
     """Mean NLL and perplexity of ``tokens`` under ``model`` (every rank calls this).
 
     Windows are dealt round-robin over data-parallel ranks; sums are reduced over DP and shared
@@ -81,7 +93,7 @@ def perplexity(model, tokens: torch.Tensor, seq_length: int, micro_batch_size: i
     # DP ranks may run different numbers of passes: passes never communicate across DP
     nll, count = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
     for batch in tqdm(batches, desc="perplexity", disable=not progress):
-        total, predicted = _window_nll(model, batch.long())
+        total, predicted = _window_nll(model, batch.long(), true_vocab_size)
         nll += total
         count += predicted
     if not ps.is_pipeline_last_stage():
@@ -156,11 +168,12 @@ def run_eval_ppl(args) -> dict:
     tokenizer = load_tokenizer(args.tokenizer or cfg.tokenizer)
     tokens = read_text_tokens(args.text, tokenizer)
     result = perplexity(model, tokens, seq_length, args.micro_batch_size,
-                        progress=args.progress and layout.rank == 0)
+                        progress=args.progress and layout.rank == 0,
+                        true_vocab_size=cfg.true_vocab_size)
     result.update(masks=applied, seq_length=seq_length)
     if layout.rank == 0:
-        print(f"{'checkpoint':<40} {'masks':<7} {'windows':>7} {'tokens':>8} {'loss':>8} "
+        print(f"{'checkpoint':<40} {'masks':<7} {'windows':>7} {'tokens':>8} {'loss':>9} "
               f"{'ppl':>10}")
         print(f"{str(path)[-40:]:<40} {applied:<7} {result['windows']:>7} {result['tokens']:>8}"
-              f" {result['loss']:8.4f} {result['ppl']:10.3f}")
+              f" {result['loss']:.7f} {result['ppl']:10.4f}")
     return result

@@ -22,7 +22,13 @@ def squared_relu(x: torch.Tensor) -> torch.Tensor:
     return torch.pow(F.relu(x), 2)
 
 
-ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "squared_relu": squared_relu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's ``gelu_new``: the tanh approximation."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "silu": F.silu, "relu": F.relu,
+               "squared_relu": squared_relu}
 
 
 @dataclass
@@ -35,6 +41,7 @@ class ModelConfig:
     rotary_base: int = 10000
     rotary_percent: float = 1.0
     tokenizer: str | None = None
+    true_vocab_size: int | None = None  # rows above it are padding (vocab_size is padded)
 
     def __post_init__(self) -> None:
         activation = self.transformer.get("activation", "gelu")
@@ -83,4 +90,8 @@ class ModelConfig:
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown model config keys {sorted(unknown)}")
+        tokenizer = data.get("tokenizer")
+        if tokenizer and not Path(tokenizer).is_absolute() \
+                and (path.parent / tokenizer).exists():  # shipped beside the config
+            data["tokenizer"] = str(path.parent / tokenizer)
         return cls(**data)

@@ -15,16 +15,47 @@ from __future__ import annotations
 
 import copy
 
+import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .layers import MaskSettings, SparseColumnParallelLinear, SparseRowParallelLinear
 
 SPARSE_LAYER_KINDS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 _COLUMN = ("linear_qkv", "linear_fc1")
+
+
+class ZeroCenteredNorm(torch.nn.Module):
+    """LayerNorm / RMSNorm with zero-centred gamma (``(1 + weight)``, Nemotron's LayerNorm1p)
+    for machines without Transformer Engine, whose norm supports it; megatron's torch norm
+    does not. Same constructor as megatron's norms."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.rms = config.normalization == "RMSNorm"
+        self.eps = eps
+        dtype = config.params_dtype
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+        if not self.rms:
+            self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gamma = self.weight + 1
+        if self.rms:
+            norm = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+            return (norm * gamma.float()).to(x.dtype)
+        return F.layer_norm(x, (x.shape[-1],), gamma, self.bias, self.eps)
 
 
 def transformer_engine_modules():
@@ -43,6 +74,7 @@ def get_sparse_gpt_layer_spec(
     normalization: str = "LayerNorm",
     qk_layernorm: bool = False,
     use_transformer_engine: bool | None = None,
+    zero_centered_gamma: bool = False,
 ) -> ModuleSpec:
     """megatron-core's GPT layer spec with the chosen linears made sparse.
 
@@ -76,6 +108,12 @@ def get_sparse_gpt_layer_spec(
         if qk_layernorm:
             attention.q_layernorm = te_norm
             attention.k_layernorm = te_norm
+    elif zero_centered_gamma:
+        spec.submodules.input_layernorm = ZeroCenteredNorm
+        spec.submodules.pre_mlp_layernorm = ZeroCenteredNorm
+        if qk_layernorm:
+            attention.q_layernorm = ZeroCenteredNorm
+            attention.k_layernorm = ZeroCenteredNorm
     return spec
 
 
@@ -94,7 +132,12 @@ def build_gpt_model(
     spec = get_sparse_gpt_layer_spec(
         mask_settings, sparse_layers,
         normalization=config.normalization, qk_layernorm=config.qk_layernorm,
-        use_transformer_engine=use_transformer_engine)
+        use_transformer_engine=use_transformer_engine,
+        zero_centered_gamma=config.layernorm_zero_centered_gamma)
+    if config.layernorm_zero_centered_gamma and spec.submodules.input_layernorm is \
+            ZeroCenteredNorm:  # the final norm too (megatron's block would pick a torch norm)
+        spec = ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+            layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=ZeroCenteredNorm))
     return GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 SEQ, VOCAB, CALIB = 16, 128, 8
+TRUE_VOCAB = 100  # rows 100..127 play a converted model's vocabulary padding
 
 
 def _build(mode="fixed"):
@@ -104,7 +105,7 @@ def case_perplexity(path, tokens, seq_length):
 
     model = _build(mode="dense")
     load_model(model, path, missing_masks="keep")
-    return perplexity(model, tokens, seq_length, micro_batch_size=2)
+    return perplexity(model, tokens, seq_length, micro_batch_size=2, true_vocab_size=TRUE_VOCAB)
 
 
 def case_reference_nll(path, tokens, seq_length):
@@ -121,7 +122,7 @@ def case_reference_nll(path, tokens, seq_length):
             if len(window) < 2:
                 continue
             logits = model(window[None], torch.arange(len(window))[None], None)
-            logp = torch.log_softmax(logits[0].double(), dim=-1)
+            logp = torch.log_softmax(logits[0, :, :TRUE_VOCAB].double(), dim=-1)
             total -= float(logp[:-1].gather(1, window[1:, None]).sum())
             count += len(window) - 1
     return total, count
@@ -130,7 +131,7 @@ def case_reference_nll(path, tokens, seq_length):
 def test_perplexity_protocol_and_layouts(dist4, tmp_path):
     path = str(tmp_path / "dense")
     dist4.run(case_save_dense, path)
-    tokens = torch.randint(0, VOCAB, (16 * 5 + 7,), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, TRUE_VOCAB, (16 * 5 + 7,), generator=torch.Generator().manual_seed(2))
     total, count = dist4.run(case_reference_nll, path, tokens, SEQ)[0]
     assert count == 5 * 15 + 6  # the tail window of 7 tokens predicts 6
     ref = dist4.run(case_perplexity, path, tokens, SEQ)[0]

@@ -1,0 +1,510 @@
+"""Hugging Face <-> megatron-core checkpoints for LLaMA, Nemotron and GPT-2 (GPT-3 style).
+
+``hf-to-mcore`` reads a local Hugging Face directory (config.json, safetensors or a
+weights-only ``pytorch_model.bin``), builds megatron-core's GPTModel in one process, fills it one
+tensor at a time (each HF tensor is read, permuted and copied, then dropped: the model is held
+once), and saves a dist_checkpointing checkpoint, which loads at any TP x PP. Beside it:
+``model_config.json`` (what every command reads), the HF ``config.json`` (for the way back) and
+the tokenizer. ``mcore-to-hf`` inverts every step. Permutations are exact, so HF -> mcore -> HF
+gives bitwise identical tensors.
+
+Layout differences handled here:
+
+* QKV: megatron fuses them per query group, ``[q heads of group g; k_g; v_g]`` for each g;
+  GPT-2's ``c_attn`` is ``[q; k; v]`` over all heads, transposed (Conv1D).
+* SwiGLU: ``linear_fc1`` is ``[gate; up]``.
+* Vocabulary: padded with zero rows to a multiple of ``--make-vocab-size-divisible-by`` (128) x
+  TP, megatron's rule; the padding is cut off on the way back.
+* Tied embeddings: no ``output_layer`` in megatron, no ``lm_head`` in HF.
+* Nemotron's LayerNorm1p stores ``gamma - 1`` on both sides (zero-centred gamma).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .model_config import ModelConfig
+
+SUPPORTED = {"LlamaForCausalLM": "llama", "NemotronForCausalLM": "nemotron",
+             "GPT2LMHeadModel": "gpt2"}
+HF_CONFIG = "hf_config.json"
+TOKENIZER_DIR = "tokenizer"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
+
+
+class ConversionError(ValueError):
+    """Unsupported architecture, or a config that does not match the weights."""
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def architecture(hf_config: dict) -> str:
+    names = hf_config.get("architectures") or []
+    for name in names:
+        if name in SUPPORTED:
+            return SUPPORTED[name]
+    raise ConversionError(f"unsupported architecture {names or hf_config.get('model_type')}; "
+                          f"supported: {', '.join(SUPPORTED)}")
+
+
+def padded_vocab_size(vocab: int, tp: int, divisible_by: int = 128) -> int:
+    multiple = divisible_by * tp
+    return -(-vocab // multiple) * multiple
+
+
+def model_config_from_hf(hf: dict, tp: int = 1, divisible_by: int = 128,
+                         tokenizer: str | None = None, dtype: str | None = None) -> ModelConfig:
+    """Our ModelConfig (TransformerConfig fields) for an HF config dict."""
+    arch = architecture(hf)
+    dtype = dtype or {"bfloat16": "bfloat16", "float16": "float16"}.get(
+        str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), "float32")
+    if arch == "gpt2":
+        hidden, heads = hf["n_embd"], hf["n_head"]
+        transformer = dict(
+            num_layers=hf["n_layer"], hidden_size=hidden, num_attention_heads=heads,
+            ffn_hidden_size=hf.get("n_inner") or 4 * hidden, normalization="LayerNorm",
+            layernorm_epsilon=hf.get("layer_norm_epsilon", 1e-5), activation="gelu_tanh",
+            add_bias_linear=True, add_qkv_bias=True)
+        position, max_len, tied, rope = "learned_absolute", hf["n_positions"], True, {}
+        vocab = hf["vocab_size"]
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ConversionError(f"GPT-2 activation {hf['activation_function']!r} is not "
+                                  "supported (gelu_new only)")
+    else:
+        # transformers >= 5 nests these under rope_parameters; older configs keep them on top
+        rope_params = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or (
+            rope_params if rope_params.get("rope_type", "default") != "default" else None)
+        if scaling:
+            raise ConversionError(f"rope scaling {scaling} is not supported")
+        theta = float(rope_params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        partial = float(rope_params.get("partial_rotary_factor",
+                                        hf.get("partial_rotary_factor", 1.0)))
+        act = hf.get("hidden_act")
+        if act != {"llama": "silu", "nemotron": "relu2"}[arch]:
+            raise ConversionError(f"{arch} with hidden_act {act!r} is not supported")
+        hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+        transformer = dict(
+            num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
+            num_query_groups=hf.get("num_key_value_heads") or heads,
+            ffn_hidden_size=hf["intermediate_size"],
+            kv_channels=hf.get("head_dim") or hidden // heads)
+        if arch == "llama":
+            transformer.update(
+                normalization="RMSNorm", layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
+                activation="silu", gated_linear_unit=True,
+                add_bias_linear=bool(hf.get("mlp_bias", False)),
+                add_qkv_bias=bool(hf.get("attention_bias", False)))
+            if hf.get("attention_bias") != hf.get("mlp_bias", False) and hf.get("attention_bias"):
+                raise ConversionError("LLaMA with attention bias but no MLP bias (or the other "
+                                      "way) is not supported")
+            rope = dict(rotary_base=theta, rotary_percent=1.0)
+        else:  # nemotron
+            transformer.update(
+                normalization="LayerNorm", layernorm_zero_centered_gamma=True,
+                layernorm_epsilon=hf.get("norm_eps", 1e-5), activation="squared_relu",
+                add_bias_linear=bool(hf.get("mlp_bias", False)),
+                add_qkv_bias=bool(hf.get("attention_bias", False)))
+            rope = dict(rotary_base=theta, rotary_percent=partial)
+        position, max_len = "rope", hf["max_position_embeddings"]
+        tied, vocab = bool(hf.get("tie_word_embeddings", False)), hf["vocab_size"]
+    transformer["params_dtype"] = dtype
+    check_parallel(transformer, tp)
+    return ModelConfig(transformer=transformer,
+                       vocab_size=padded_vocab_size(vocab, tp, divisible_by),
+                       max_sequence_length=max_len, position_embedding_type=position,
+                       share_embeddings_and_output_weights=tied, tokenizer=tokenizer,
+                       true_vocab_size=vocab, **rope)
+
+
+def check_parallel(transformer: dict, tp: int, pp: int = 1) -> None:
+    """TP must divide heads and KV groups, PP the layers: checked before any work."""
+    heads = transformer["num_attention_heads"]
+    groups = transformer.get("num_query_groups") or heads
+    if tp < 1 or heads % tp or groups % tp:
+        raise ConversionError(f"--tp {tp} must divide the {heads} attention heads and the "
+                              f"{groups} key-value groups")
+    if pp < 1 or transformer["num_layers"] % pp:
+        raise ConversionError(f"--pp {pp} must divide the {transformer['num_layers']} layers")
+
+
+# ----------------------------------------------------------------------------- tensor maps
+
+
+def _qkv_to_mcore(q, k, v, groups: int) -> torch.Tensor:
+    """[q; k; v] (rows = heads x head_dim) -> megatron's per-group [q_g; k_g; v_g]."""
+    rest = q.shape[1:]
+    q = q.reshape(groups, -1, *rest)
+    k = k.reshape(groups, -1, *rest)
+    v = v.reshape(groups, -1, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def _qkv_from_mcore(qkv, groups: int, q_rows: int, kv_rows: int):
+    rest = qkv.shape[1:]
+    per = qkv.reshape(groups, -1, *rest)
+    qg, kg = q_rows // groups, kv_rows // groups
+    q, k, v = per[:, :qg], per[:, qg:qg + kg], per[:, qg + kg:]
+    return (q.reshape(q_rows, *rest), k.reshape(kv_rows, *rest), v.reshape(kv_rows, *rest))
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+class _Mapping:
+    """Name mapping for one architecture: ``to_mcore`` yields (mcore name, tensor) from a
+    reader of HF tensors; ``to_hf`` yields (hf name, tensor) from a reader of mcore tensors."""
+
+    def __init__(self, arch: str, hf: dict, cfg: ModelConfig):
+        self.arch, self.hf, self.cfg = arch, hf, cfg
+        t = cfg.transformer
+        self.layers = t["num_layers"]
+        self.groups = t.get("num_query_groups") or t["num_attention_heads"]
+        self.head_dim = t.get("kv_channels") or t["hidden_size"] // t["num_attention_heads"]
+        self.q_rows = t["num_attention_heads"] * self.head_dim
+        self.kv_rows = self.groups * self.head_dim
+        self.vocab = hf["vocab_size"]
+        self.tied = cfg.share_embeddings_and_output_weights
+        self.biases = bool(t.get("add_bias_linear"))
+        self.qkv_bias = bool(t.get("add_qkv_bias"))
+
+    # names of the HF tensors per layer
+    def _hf_layer(self, i: int) -> dict[str, str]:
+        if self.arch == "gpt2":
+            p = f"transformer.h.{i}."
+            return {"ln1": p + "ln_1", "ln2": p + "ln_2", "qkv": p + "attn.c_attn",
+                    "proj": p + "attn.c_proj", "fc1": p + "mlp.c_fc", "fc2": p + "mlp.c_proj"}
+        p = f"model.layers.{i}."
+        return {"ln1": p + "input_layernorm", "ln2": p + "post_attention_layernorm",
+                "q": p + "self_attn.q_proj", "k": p + "self_attn.k_proj",
+                "v": p + "self_attn.v_proj", "proj": p + "self_attn.o_proj",
+                "gate": p + "mlp.gate_proj", "up": p + "mlp.up_proj", "fc2": p + "mlp.down_proj"}
+
+    def _norm_suffixes(self) -> tuple[str, ...]:
+        return ("weight",) if self.cfg.transformer.get("normalization") == "RMSNorm" \
+            else ("weight", "bias")
+
+    def _embed_names(self) -> tuple[str, str | None, str, str]:
+        if self.arch == "gpt2":
+            return "transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f", \
+                "lm_head.weight"
+        return "model.embed_tokens.weight", None, "model.norm", "lm_head.weight"
+
+    def to_mcore(self, get):
+        """``get(hf_name)`` -> tensor. Yields (mcore state-dict name, tensor)."""
+        vocab_rows = self.cfg.vocab_size
+        wte, wpe, final_norm, head = self._embed_names()
+        yield "embedding.word_embeddings.weight", _pad_rows(get(wte), vocab_rows)
+        if wpe:
+            yield "embedding.position_embeddings.weight", get(wpe)
+        for i in range(self.layers):
+            n = self._hf_layer(i)
+            m = f"decoder.layers.{i}."
+            for s in self._norm_suffixes():
+                yield m + f"input_layernorm.{s}", get(f"{n['ln1']}.{s}")
+                yield m + f"pre_mlp_layernorm.{s}", get(f"{n['ln2']}.{s}")
+            if self.arch == "gpt2":
+                w = get(n["qkv"] + ".weight").t()  # Conv1D: [in, out]
+                q, k, v = w.split([self.q_rows, self.kv_rows, self.kv_rows])
+                yield m + "self_attention.linear_qkv.weight", _qkv_to_mcore(q, k, v, self.groups)
+                b = get(n["qkv"] + ".bias")
+                q, k, v = b.split([self.q_rows, self.kv_rows, self.kv_rows])
+                yield m + "self_attention.linear_qkv.bias", _qkv_to_mcore(q, k, v, self.groups)
+                for ours, theirs in (("self_attention.linear_proj", "proj"),
+                                     ("mlp.linear_fc1", "fc1"), ("mlp.linear_fc2", "fc2")):
+                    yield m + ours + ".weight", get(n[theirs] + ".weight").t()
+                    yield m + ours + ".bias", get(n[theirs] + ".bias")
+                continue
+            yield m + "self_attention.linear_qkv.weight", _qkv_to_mcore(
+                get(n["q"] + ".weight"), get(n["k"] + ".weight"), get(n["v"] + ".weight"),
+                self.groups)
+            if self.qkv_bias:
+                yield m + "self_attention.linear_qkv.bias", _qkv_to_mcore(
+                    get(n["q"] + ".bias"), get(n["k"] + ".bias"), get(n["v"] + ".bias"),
+                    self.groups)
+            yield m + "self_attention.linear_proj.weight", get(n["proj"] + ".weight")
+            if self.arch == "llama":
+                yield m + "mlp.linear_fc1.weight", torch.cat([get(n["gate"] + ".weight"),
+                                                              get(n["up"] + ".weight")])
+            else:
+                yield m + "mlp.linear_fc1.weight", get(n["up"] + ".weight")
+            yield m + "mlp.linear_fc2.weight", get(n["fc2"] + ".weight")
+            if self.biases:
+                yield m + "self_attention.linear_proj.bias", get(n["proj"] + ".bias")
+                if self.arch == "llama":
+                    yield m + "mlp.linear_fc1.bias", torch.cat([get(n["gate"] + ".bias"),
+                                                                get(n["up"] + ".bias")])
+                else:
+                    yield m + "mlp.linear_fc1.bias", get(n["up"] + ".bias")
+                yield m + "mlp.linear_fc2.bias", get(n["fc2"] + ".bias")
+        for s in self._norm_suffixes():
+            yield f"decoder.final_layernorm.{s}", get(f"{final_norm}.{s}")
+        if not self.tied:
+            yield "output_layer.weight", _pad_rows(get(head), vocab_rows)
+
+    def to_hf(self, get):
+        """``get(mcore_name)`` -> tensor. Yields (HF name, tensor)."""
+        wte, wpe, final_norm, head = self._embed_names()
+        yield wte, get("embedding.word_embeddings.weight")[:self.vocab]
+        if wpe:
+            yield wpe, get("embedding.position_embeddings.weight")
+        for i in range(self.layers):
+            n = self._hf_layer(i)
+            m = f"decoder.layers.{i}."
+            for s in self._norm_suffixes():
+                yield f"{n['ln1']}.{s}", get(m + f"input_layernorm.{s}")
+                yield f"{n['ln2']}.{s}", get(m + f"pre_mlp_layernorm.{s}")
+            qkv = _qkv_from_mcore(get(m + "self_attention.linear_qkv.weight"), self.groups,
+                                  self.q_rows, self.kv_rows)
+            if self.arch == "gpt2":
+                yield n["qkv"] + ".weight", torch.cat(qkv).t().contiguous()
+                yield n["qkv"] + ".bias", torch.cat(_qkv_from_mcore(
+                    get(m + "self_attention.linear_qkv.bias"), self.groups, self.q_rows,
+                    self.kv_rows))
+                for ours, theirs in (("self_attention.linear_proj", "proj"),
+                                     ("mlp.linear_fc1", "fc1"), ("mlp.linear_fc2", "fc2")):
+                    yield n[theirs] + ".weight", get(m + ours + ".weight").t().contiguous()
+                    yield n[theirs] + ".bias", get(m + ours + ".bias")
+                continue
+            for name, t in zip(("q", "k", "v"), qkv, strict=True):
+                yield n[name] + ".weight", t.contiguous()
+            if self.qkv_bias:
+                biases = _qkv_from_mcore(get(m + "self_attention.linear_qkv.bias"), self.groups,
+                                         self.q_rows, self.kv_rows)
+                for name, t in zip(("q", "k", "v"), biases, strict=True):
+                    yield n[name] + ".bias", t.contiguous()
+            yield n["proj"] + ".weight", get(m + "self_attention.linear_proj.weight")
+            fc1 = get(m + "mlp.linear_fc1.weight")
+            if self.arch == "llama":
+                gate, up = fc1.chunk(2)
+                yield n["gate"] + ".weight", gate.contiguous()
+                yield n["up"] + ".weight", up.contiguous()
+            else:
+                yield n["up"] + ".weight", fc1
+            yield n["fc2"] + ".weight", get(m + "mlp.linear_fc2.weight")
+            if self.biases:
+                yield n["proj"] + ".bias", get(m + "self_attention.linear_proj.bias")
+                fc1b = get(m + "mlp.linear_fc1.bias")
+                if self.arch == "llama":
+                    gate, up = fc1b.chunk(2)
+                    yield n["gate"] + ".bias", gate.contiguous()
+                    yield n["up"] + ".bias", up.contiguous()
+                else:
+                    yield n["up"] + ".bias", fc1b
+                yield n["fc2"] + ".bias", get(m + "mlp.linear_fc2.bias")
+        for s in self._norm_suffixes():
+            yield f"{final_norm}.{s}", get(f"decoder.final_layernorm.{s}")
+        if not self.tied:
+            yield head, get("output_layer.weight")[:self.vocab]
+
+
+# ----------------------------------------------------------------------------- reading HF
+
+
+class _HFReader:
+    """Lazy access to the tensors of an HF directory (safetensors, sharded or not, or a
+    weights-only ``pytorch_model.bin``); remembers what was read for error messages."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self.files: dict[str, object] = {}
+        self.where: dict[str, str] = {}
+        index = directory / "model.safetensors.index.json"
+        single = directory / "model.safetensors"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            for name, file in weight_map.items():
+                self.where[name] = file
+        elif single.exists():
+            self.where = {}
+            with safe_open(str(single), "pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    self.where[name] = single.name
+        elif (directory / "pytorch_model.bin").exists():
+            self.state = torch.load(directory / "pytorch_model.bin", map_location="cpu",
+                                    weights_only=True, mmap=True)
+            self.where = {name: "pytorch_model.bin" for name in self.state}
+        else:
+            raise FileNotFoundError(f"{directory} has no model.safetensors(.index.json) or "
+                                    "pytorch_model.bin")
+        self.directory = directory
+        self.read: list[str] = []
+        self.used: set[str] = set()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise ConversionError(f"the checkpoint has no tensor {name!r} (does config.json "
+                                  "match the weights?)")
+        self.used.add(name)
+        file = self.where[name]
+        if file == "pytorch_model.bin":
+            tensor = self.state[name]
+        else:
+            if file not in self.files:
+                from safetensors import safe_open
+
+                self.files[file] = safe_open(str(self.directory / file), "pt")
+            tensor = self.files[file].get_tensor(name)
+        self.read.append(f"{name} {list(tensor.shape)}")
+        return tensor
+
+    def unused(self) -> list[str]:
+        ignorable = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+        return sorted(n for n in self.where if n not in self.used and not n.endswith(ignorable)
+                      and not (n == "lm_head.weight"))
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def _build_dense_model(cfg: ModelConfig):
+    from .spec import build_gpt_model
+
+    config = cfg.transformer_config(1, 1, perform_initialization=False)
+    return build_gpt_model(
+        config, cfg.vocab_size, cfg.max_sequence_length, sparse_layers=(),
+        position_embedding_type=cfg.position_embedding_type,
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent)
+
+
+def _copy_tokenizer(source: Path, target: Path) -> bool:
+    files = [source / f for f in _TOKENIZER_FILES if (source / f).exists()]
+    if not files:
+        return False
+    target.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        shutil.copy2(file, target / file.name)
+    return True
+
+
+@torch.no_grad()
+def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
+                divisible_by: int = 128, tokenizer: str | None = None,
+                progress: bool = True) -> ModelConfig:
+    """Convert an HF directory into a megatron-core checkpoint directory (see module doc)."""
+    from tqdm import tqdm
+
+    from . import runtime
+    from .checkpoint import save_model
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not (hf_dir / "config.json").exists():
+        raise FileNotFoundError(f"{hf_dir} has no config.json")
+    hf = json.loads((hf_dir / "config.json").read_text())
+    arch = architecture(hf)
+    cfg = model_config_from_hf(hf, tp, divisible_by)
+    check_parallel(cfg.transformer, tp, pp)
+    reader = _HFReader(hf_dir)
+    runtime.init_distributed(1, 1)
+    model = _build_dense_model(cfg)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    written: set[str] = set()
+    mapping = _Mapping(arch, hf, cfg)
+    for name, tensor in tqdm(mapping.to_mcore(reader), total=len(state), desc="hf -> mcore",
+                             disable=not progress):
+        target = state[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ConversionError(f"{' + '.join(reader.read)} -> {name}: the checkpoint "
+                                  f"gives shape {list(tensor.shape)}, the config expects "
+                                  f"{list(target.shape)}")
+        target.copy_(tensor)
+        written.add(name)
+        reader.read.clear()
+    missing = sorted(set(state) - written)
+    if missing:
+        raise ConversionError(f"no HF tensor for {missing[:5]}")
+    extra = reader.unused()
+    if extra:
+        raise ConversionError(f"the checkpoint has tensors the config does not use: {extra[:5]} "
+                              f"(config says {mapping.layers} layers)")
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, out)
+    if tokenizer:
+        cfg.tokenizer = str(Path(tokenizer).resolve())
+    elif _copy_tokenizer(hf_dir, out / TOKENIZER_DIR):
+        cfg.tokenizer = TOKENIZER_DIR  # relative: resolved beside model_config.json
+    cfg.save(out)
+    (out / HF_CONFIG).write_text(json.dumps(hf, indent=1))
+    return cfg
+
+
+@torch.no_grad()
+def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5 << 30,
+                progress: bool = True, _state: dict | None = None) -> Path:
+    """Write an HF directory (config.json, safetensors, tokenizer) from a converted checkpoint
+    (or a run trained from one: its latest iteration's model). ``_state``: tensors already
+    loaded (the HF exporter passes masked weights)."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from . import runtime
+    from .checkpoint import load_model
+    from .train import model_dir
+
+    mcore_dir, out = Path(mcore_dir), Path(out)
+    source = model_dir(mcore_dir)
+    config_dir = next((d for d in (mcore_dir, source, source.parent)
+                       if (d / HF_CONFIG).exists()), None)
+    if config_dir is None:
+        raise FileNotFoundError(f"no {HF_CONFIG} beside {mcore_dir}: was it converted from "
+                                "Hugging Face with maskllm convert hf-to-mcore?")
+    hf = json.loads((config_dir / HF_CONFIG).read_text())
+    cfg = ModelConfig.load(config_dir)
+    if _state is None:
+        runtime.init_distributed(1, 1)
+        model = _build_dense_model(cfg)
+        load_model(model, source, missing_masks="keep")
+        state = model.state_dict()
+    else:
+        state = _state
+    mapping = _Mapping(architecture(hf), hf, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    # stream: a shard is written as soon as it is full, so at most one shard is held
+    shard: dict[str, torch.Tensor] = {}
+    files: list[tuple[Path, list[str]]] = []
+    size = total = 0
+
+    def flush():
+        path = out / f"model-{len(files) + 1:05d}.safetensors.partial"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        files.append((path, list(shard)))
+        shard.clear()
+
+    for name, tensor in tqdm(mapping.to_hf(state.__getitem__), desc="mcore -> hf",
+                             disable=not progress):
+        nbytes = tensor.numel() * tensor.element_size()
+        if size + nbytes > max_shard_bytes and shard:
+            flush()
+            size = 0
+        shard[name] = tensor.detach().clone().contiguous()
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(files) == 1:
+        files[0][0].replace(out / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, (path, names) in enumerate(files, start=1):
+            final = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+            path.replace(out / final)
+            weight_map.update({name: final for name in names})
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (out / "config.json").write_text(json.dumps(hf, indent=1))
+    if cfg.tokenizer:
+        tok = Path(cfg.tokenizer)
+        tok = tok if tok.is_absolute() else config_dir / tok
+        if tok.is_dir():
+            _copy_tokenizer(tok, out)
+    return out

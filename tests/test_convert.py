@@ -1,0 +1,219 @@
+"""Hugging Face <-> megatron-core conversion on tiny random models built from configs (no hub)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+CLI = [sys.executable, "-m", "maskllm_megatron.cli"]
+VOCAB = 300  # not a multiple of 128: padding is exercised
+
+
+def _run(args, check=True):
+    proc = subprocess.run(CLI + args, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"maskllm {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def _hf_model(kind: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, torch_dtype="float32")
+    if kind.startswith("llama"):
+        cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=64, rope_theta=50000.0,
+                             tie_word_embeddings=kind == "llama-tied", **common)
+        model = tf.LlamaForCausalLM(cfg)
+    elif kind == "nemotron":
+        cfg = tf.NemotronConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=64, partial_rotary_factor=0.5,
+                                **common)
+        model = tf.NemotronForCausalLM(cfg)
+    else:
+        cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                            eos_token_id=0, **common)
+        model = tf.GPT2LMHeadModel(cfg)
+    gen = torch.Generator().manual_seed(len(kind))
+    with torch.no_grad():  # norms and biases away from 1 and 0, so a mix-up shows
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+KINDS = ["llama", "llama-tied", "nemotron", "gpt2"]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Each kind: the HF directory, its mcore conversion (TP=2 padding) and the way back."""
+    root = tmp_path_factory.mktemp("convert")
+    out = {}
+    for kind in KINDS:
+        hf_dir, mcore, back = root / kind / "hf", root / kind / "mcore", root / kind / "back"
+        _hf_model(kind).save_pretrained(hf_dir)
+        _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(mcore), "--tp", "2",
+              "--no-progress"])
+        _run(["convert", "mcore-to-hf", "--mcore", str(mcore), "--out", str(back),
+              "--no-progress"])
+        out[kind] = (hf_dir, mcore, back)
+    return out
+
+
+def _safetensors(directory):
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hf_to_mcore_to_hf_is_bitwise_identical(converted, kind):
+    hf_dir, mcore, back = converted[kind]
+    before, after = _safetensors(hf_dir), _safetensors(back)
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
+    cfg = json.loads((mcore / "model_config.json").read_text())
+    assert cfg["vocab_size"] == 512  # 300 padded to a multiple of 128 x TP=2
+    assert json.loads((back / "config.json").read_text()) == \
+        json.loads((hf_dir / "config.json").read_text())
+
+
+def case_logits(mcore, tokens):
+    import torch.distributed as dist
+
+    from maskllm_megatron.checkpoint import load_model
+    from maskllm_megatron.model_config import ModelConfig
+    from maskllm_megatron.runtime import current_layout
+    from maskllm_megatron.spec import build_gpt_model
+
+    layout = current_layout()
+    cfg = ModelConfig.load(mcore)
+    model = build_gpt_model(
+        cfg.transformer_config(layout.tp, layout.pp), cfg.vocab_size, cfg.max_sequence_length,
+        sparse_layers=(), position_embedding_type=cfg.position_embedding_type,
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent, parallel_output=False)
+    load_model(model, mcore)
+    model.eval()
+    from megatron.core import parallel_state as ps
+
+    with torch.no_grad():
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            logits = model(tokens, torch.arange(tokens.shape[1])[None], None)
+        else:  # send the hidden states through the stages by hand
+            shape = (tokens.shape[1], tokens.shape[0], cfg.transformer["hidden_size"])
+            if ps.is_pipeline_first_stage():
+                hidden = model(tokens, torch.arange(tokens.shape[1])[None], None)
+                dist.send(hidden.contiguous(), ps.get_pipeline_model_parallel_next_rank())
+                logits = None
+            else:
+                hidden = torch.empty(shape)
+                dist.recv(hidden, ps.get_pipeline_model_parallel_prev_rank())
+                model.set_input_tensor(hidden)
+                logits = model(tokens, torch.arange(tokens.shape[1])[None], None)
+    return None if logits is None else logits[..., :VOCAB]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_equal_transformers_at_tp1_tp2_pp2(dist4, converted, kind):
+    hf_dir, mcore, _ = converted[kind]
+    import transformers as tf
+
+    hf = tf.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(tokens).logits
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        results = [r for r in dist4.run(case_logits, str(mcore), tokens, tp=tp, pp=pp)
+                   if r is not None]
+        assert results
+        for got in results:
+            diff = (got - want).abs().max().item()
+            assert diff <= 1e-4, f"{kind} at TP={tp} PP={pp}: max |diff| {diff}"
+
+
+def test_eval_ppl_on_a_converted_model_equals_transformers_loss(corpus, tmp_path):
+    import transformers as tf
+
+    from maskllm_megatron.data.tokenizer import load_tokenizer
+    from maskllm_megatron.evaluate import windows
+
+    model = _hf_model("llama")
+    model.save_pretrained(tmp_path / "hf")
+    spm = corpus / "spm.model"
+    _run(["convert", "hf-to-mcore", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m"),
+          "--tokenizer", str(spm), "--no-progress"])
+    text = tmp_path / "test.txt"
+    text.write_text((corpus / "text.txt").read_text()[:3000])
+    out = _run(["eval-ppl", "--load", str(tmp_path / "m"), "--text", str(text),
+                "--seq-length", "48", "--no-progress"]).stdout
+    loss = float(out.strip().splitlines()[-1].split()[-2])
+
+    tokens = torch.tensor(load_tokenizer(spm).tokenize(text.read_text()))
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    total = count = 0
+    with torch.no_grad():
+        for window in windows(tokens, 48):
+            n = len(window) - 1
+            total += float(hf(window[None], labels=window[None]).loss.double()) * n
+            count += n
+    assert len(tokens) % 48 != 0  # a tail window is part of the check
+    assert loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_bad_conversions_are_clear_errors(tmp_path):
+    hf_dir = tmp_path / "hf"
+    _hf_model("llama").save_pretrained(hf_dir)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+
+    proc = _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "a"),
+                 "--tp", "4"], check=False)  # 2 KV groups
+    assert proc.returncode == 1 and "--tp 4 must divide" in proc.stderr
+    assert not (tmp_path / "a").exists()
+
+    (hf_dir / "config.json").write_text(json.dumps(dict(cfg, architectures=["BertModel"])))
+    proc = _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "b")],
+                check=False)
+    assert proc.returncode == 1
+    assert all(a in proc.stderr for a in ("LlamaForCausalLM", "NemotronForCausalLM",
+                                          "GPT2LMHeadModel"))
+
+    (hf_dir / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=128)))
+    proc = _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "c"),
+                 "--no-progress"], check=False)
+    assert proc.returncode == 1
+    assert "model.layers.0.mlp.gate_proj.weight [96, 64]" in proc.stderr
+    assert "gives shape [192, 64]" in proc.stderr and "expects [256, 64]" in proc.stderr
+
+
+SHARDED = """
+import sys, torch
+from pathlib import Path
+from safetensors.torch import load_file
+from maskllm_megatron import convert
+convert.mcore_to_hf(sys.argv[1], sys.argv[2], max_shard_bytes=20000, progress=False)
+reader = convert._HFReader(Path(sys.argv[2]))
+want = load_file(sys.argv[3])
+assert len(set(reader.where.values())) > 1, "expected several shards"
+assert sorted(reader.where) == sorted(want)
+assert all(torch.equal(reader(name), tensor) for name, tensor in want.items())
+print("ok", len(set(reader.where.values())))
+"""
+
+
+def test_large_models_are_written_in_safetensors_shards_with_an_index(converted, tmp_path):
+    hf_dir, mcore, _ = converted["llama"]
+    proc = subprocess.run([sys.executable, "-c", SHARDED, str(mcore), str(tmp_path / "hf"),
+                           str(hf_dir / "model.safetensors")], env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    assert not list((tmp_path / "hf").glob("*.partial"))
