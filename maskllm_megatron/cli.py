@@ -113,6 +113,37 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return _run_distributed(run, args, f"convert {args.direction}")
 
 
+def _cmd_trim(args: argparse.Namespace) -> int:
+    from .export import trim
+
+    return _run_distributed(lambda a: trim(a.checkpoint, a.out, a.N, a.M), args, "trim")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from . import export
+    from .validate import format_report, validate_trtllm
+
+    def run(a):
+        if a.target == "trtllm":
+            out = export.export_trtllm(a.load, a.out, a.tp, a.pp, a.dtype, a.N, a.M,
+                                       progress=a.progress)
+            print(format_report(validate_trtllm(out, a.N, a.M)))
+            print(f"wrote {out}; build with: trtllm-build --checkpoint_dir {out} "
+                  "--output_dir ENGINE_DIR --weight_sparsity  (no --gemm_plugin)")
+        else:
+            print(f"wrote {export.export_hf(a.load, a.out, a.N, a.M, progress=a.progress)}")
+
+    return _run_distributed(run, args, f"export {args.target}")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import format_report, validate_trtllm
+
+    report = validate_trtllm(args.directory, args.N, args.M)
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that build a model from a checkpoint."""
     p.add_argument("--load", required=True, help="checkpoint directory (a run, iter_N or model)")
@@ -202,6 +233,37 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (h2m, m2h):
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     conv.set_defaults(func=_cmd_convert)
+
+    trm = sub.add_parser("trim", help="hard masks from a training checkpoint; drops logits and "
+                         "optimizer state")
+    trm.add_argument("checkpoint", help="a run directory, iter_N or model checkpoint")
+    trm.add_argument("--out", required=True)
+    trm.add_argument("--N", type=int, default=2)
+    trm.add_argument("--M", type=int, default=4)
+    trm.set_defaults(func=_cmd_trim)
+
+    exp = sub.add_parser("export", help="TensorRT-LLM 2:4 checkpoint or Hugging Face directory")
+    target = exp.add_subparsers(dest="target", metavar="TARGET", required=True)
+    trt = target.add_parser("trtllm", help="config.json + rank{i}.safetensors, validated")
+    trt.add_argument("--tp", type=int, default=1, help="inference tensor parallel size")
+    trt.add_argument("--pp", type=int, default=1, help="inference pipeline parallel size")
+    trt.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    hfx = target.add_parser("hf", help="HF directory with zeros in place + packed mask file")
+    for p in (trt, hfx):
+        p.add_argument("--load", required=True, help="trimmed, pruned or training checkpoint")
+        p.add_argument("--out", required=True)
+        p.add_argument("--N", type=int, default=2)
+        p.add_argument("--M", type=int, default=4)
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    exp.set_defaults(func=_cmd_export)
+
+    val = sub.add_parser("validate", help="check an exported checkpoint (no GPU needed)")
+    what = val.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    vtrt = what.add_parser("trtllm", help="every check of a TensorRT-LLM 2:4 checkpoint")
+    vtrt.add_argument("directory")
+    vtrt.add_argument("--N", type=int, default=2)
+    vtrt.add_argument("--M", type=int, default=4)
+    val.set_defaults(func=_cmd_validate)
     return parser
 
 

@@ -34,7 +34,7 @@ SUPPORTED = {"LlamaForCausalLM": "llama", "NemotronForCausalLM": "nemotron",
 HF_CONFIG = "hf_config.json"
 TOKENIZER_DIR = "tokenizer"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
+                    "tokenizer.model", "vocab.json", "merges.txt")
 
 
 class ConversionError(ValueError):

@@ -128,15 +128,44 @@ def checkpoint_mask_mode(path: str | Path) -> str:
     return "dense"
 
 
+def load_sparse_model(path: str | Path, cfg, pattern, seed: int = 1234,
+                      masks: str = "auto"):
+    """Build the model at the current TP x PP and load ``path`` with its masks applied: the
+    argmax of learned logits (hard), fixed masks, or none. Returns (model, mode, pattern); the
+    pattern recorded in the checkpoint wins over ``pattern``."""
+    from .checkpoint import load_model, read_sidecar
+    from .layers import MaskSettings, SamplingState, attach_sampling, set_mask_mode
+    from .nm import NMPattern
+    from .runtime import current_layout
+    from .spec import build_gpt_model
+
+    layout = current_layout()
+    stored = checkpoint_mask_mode(path)
+    recorded = (read_sidecar(path) or {}).get("pattern")
+    pattern = NMPattern.parse(recorded) if recorded else pattern
+    build_mode = {"hard": "learn", "fixed": "fixed", "dense": "dense"}[stored]
+    model = build_gpt_model(
+        cfg.transformer_config(layout.tp, layout.pp), cfg.vocab_size, cfg.max_sequence_length,
+        MaskSettings(pattern=pattern, mode=build_mode),
+        position_embedding_type=cfg.position_embedding_type,
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent)
+    attach_sampling(model, SamplingState(seed=seed), init_logits=False)
+    load_model(model, path, missing_masks="keep" if stored == "dense" else "error")
+    model.eval()
+    if stored == "hard":
+        set_mask_mode(model, "hard")
+    if masks == "dense" or stored == "dense":
+        set_mask_mode(model, "dense")
+    return model, ("dense" if masks == "dense" else stored), pattern
+
+
 def run_eval_ppl(args) -> dict:
     """``maskllm eval-ppl``: load a dense, pruned or mask-learned checkpoint and report PPL."""
     from . import runtime
-    from .checkpoint import load_model
     from .data.tokenizer import load_tokenizer
-    from .layers import MaskSettings, SamplingState, attach_sampling, set_mask_mode
     from .model_config import ModelConfig
     from .nm import NMPattern
-    from .spec import build_gpt_model
     from .train import model_dir
 
     if args.masks not in MODES:
@@ -149,22 +178,8 @@ def run_eval_ppl(args) -> dict:
     if seq_length > cfg.max_sequence_length:
         raise ValueError(f"--seq-length {seq_length} exceeds the model's "
                          f"max_sequence_length {cfg.max_sequence_length}")
-    stored = checkpoint_mask_mode(path)
-    build_mode = {"hard": "learn", "fixed": "fixed", "dense": "dense"}[stored]
-    pattern = NMPattern(args.N, args.M)
-    model = build_gpt_model(
-        cfg.transformer_config(layout.tp, layout.pp), cfg.vocab_size, cfg.max_sequence_length,
-        MaskSettings(pattern=pattern, mode=build_mode),
-        position_embedding_type=cfg.position_embedding_type,
-        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-        rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent)
-    attach_sampling(model, SamplingState(seed=args.seed), init_logits=False)
-    load_model(model, path, missing_masks="keep" if stored == "dense" else "error")
-    if stored == "hard":
-        set_mask_mode(model, "hard")
-    if args.masks == "dense" or stored == "dense":
-        set_mask_mode(model, "dense")
-    applied = "dense" if args.masks == "dense" else stored
+    model, applied, _ = load_sparse_model(path, cfg, NMPattern(args.N, args.M), args.seed,
+                                          args.masks)
     tokenizer = load_tokenizer(args.tokenizer or cfg.tokenizer)
     tokens = read_text_tokens(args.text, tokenizer)
     result = perplexity(model, tokens, seq_length, args.micro_batch_size,

@@ -31,6 +31,25 @@ ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "silu": F.silu, "relu": F
                "squared_relu": squared_relu}
 
 
+MODEL_FILES = (FILENAME, "hf_config.json", "tokenizer")
+
+
+def copy_model_files(source: str | Path, target: str | Path) -> None:
+    """Copy model_config.json, the HF config and a shipped tokenizer directory (what
+    conversion wrote) from ``source`` to ``target``, so every checkpoint a command writes can
+    be read, converted back and exported on its own."""
+    import shutil
+
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        path = source / name
+        if path.is_dir():
+            shutil.copytree(path, target / name, dirs_exist_ok=True)
+        elif path.is_file():
+            shutil.copy2(path, target / name)
+
+
 @dataclass
 class ModelConfig:
     transformer: dict = field(default_factory=dict)

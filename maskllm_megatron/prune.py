@@ -347,7 +347,12 @@ def run_prune(args) -> dict:
     save_model(model, out / "pruned")
     save_model(model, out / "masks", masks_only=True)
     if layout.rank == 0:
+        from .model_config import copy_model_files
+
+        source = Path(args.model_config or args.load)
+        source = source if source.is_dir() else source.parent
         for sub in ("pruned", "masks"):
+            copy_model_files(source, out / sub)
             cfg.save(out / sub)
     rows = []
     for name, layer in sparse_layers(model):

@@ -209,6 +209,12 @@ def train(args: TrainArgs) -> dict:
     schedule = GumbelSchedule(tuple(args.gumbel_temperature_range),
                               tuple(args.gumbel_scale_range), args.train_iters,
                               args.gumbel_schedule)
+    if main_rank and args.save:  # the run directory describes its model on its own
+        from .model_config import copy_model_files
+
+        source = Path(args.model_config or args.load)
+        copy_model_files(source if source.is_dir() else source.parent, args.save)
+        model_cfg.save(args.save)
     logger = _Logger(args, main_rank, start)
     previous_argmax = _argmax_snapshot(model)
     skipped = 0

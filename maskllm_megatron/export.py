@@ -1,0 +1,411 @@
+"""What users deploy: ``trim`` (hard masks from a training run), TensorRT-LLM 2:4 checkpoints, and
+Hugging Face directories with a packed mask file.
+
+Every exporter loads the checkpoint once, in one process, at TP=1 x PP=1 (the checkpoint is
+layout-free), applies its masks (argmax of logits, or fixed masks), and writes the target layout
+from the full tensors: inference TP/PP never depend on the training layout. Output directories
+are written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from .model_config import ModelConfig
+from .nm import NMPattern, is_nm_sparse
+
+TRT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported as asked (not N:M, layout does not divide, ...)."""
+
+
+def _atomic_dir(out: Path) -> Path:
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _finish_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def _load(load: str | Path, n: int = 2, m: int = 4):
+    """(model at TP=1 x PP=1 with its masks applied, ModelConfig, mask mode, pattern, the
+    directory holding model_config.json, the model checkpoint directory)."""
+    from . import runtime
+    from .evaluate import load_sparse_model
+    from .train import model_dir
+
+    runtime.init_distributed(1, 1)
+    source = model_dir(load)
+    config_dir = next((d for d in (Path(load), source, source.parent)
+                       if (d / "model_config.json").exists()), None)
+    if config_dir is None:
+        raise FileNotFoundError(f"no model_config.json beside {load}")
+    cfg = ModelConfig.load(config_dir)
+    model, mode, pattern = load_sparse_model(source, cfg, NMPattern(n, m))
+    return model, cfg, mode, pattern, config_dir, source
+
+
+@torch.no_grad()
+def masked_state(model) -> dict[str, torch.Tensor]:
+    """The model's state dict with every sparse layer's weight multiplied by its mask."""
+    from .layers import sparse_layers
+
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.endswith(("_extra_state", "mask_logits", "mask_indices"))}
+    for name, layer in sparse_layers(model):
+        state[f"{name}.weight"] = layer.masked_weight(layer.weight).detach()
+    return state
+
+
+# ----------------------------------------------------------------------------- trim
+
+
+@torch.no_grad()
+def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> list[tuple]:
+    """Hard masks from a training checkpoint: argmax of the logits, stored as candidate indices
+    (uint8, one per group). Logits and optimizer state are dropped. Returns the table rows."""
+    from .checkpoint import save_model
+    from .layers import fix_masks, sparse_layers
+
+    model, cfg, mode, pattern, config_dir, source = _load(load, n, m)
+    if mode == "dense":
+        raise ExportError(f"{load} holds no masks (a dense checkpoint): nothing to trim")
+    logits_bytes = sum(layer.mask_logits.numel() * 4 for _, layer in sparse_layers(model)
+                       if hasattr(layer, "mask_logits"))
+    optimizer = source.parent / "optimizer"  # beside a training run's model checkpoint
+    optimizer_bytes = sum(p.stat().st_size for p in optimizer.rglob("*") if p.is_file()) \
+        if optimizer.is_dir() else 0
+    fix_masks(model)
+    rows = []
+    for name, layer in sparse_layers(model):
+        weight = layer.masked_weight(layer.weight)
+        rows.append((name, tuple(weight.shape), float((weight == 0).double().mean())))
+    from .model_config import copy_model_files
+
+    out = Path(out)
+    tmp = _atomic_dir(out)
+    save_model(model, tmp)
+    copy_model_files(config_dir, tmp)
+    cfg.save(tmp)
+    _finish_dir(tmp, out)
+    masks = sum(layer.mask_indices.numel() for _, layer in sparse_layers(model))
+    weights = sum(math.prod(shape) for _, shape, _ in rows)
+    zeros = sum(math.prod(shape) * sparsity for _, shape, sparsity in rows)
+    rows.append(("total", (weights,), zeros / max(1, weights)))
+    print(f"{'layer':<44} {'shape':>14} {'sparsity':>9}")
+    for name, shape, sparsity in rows:
+        print(f"{name:<44} {str(list(shape)):>14} {sparsity:9.1%}")
+    print(f"dropped {logits_bytes / 2**20:.1f} MiB of logits and {optimizer_bytes / 2**20:.1f} "
+          f"MiB of optimizer state; the masks take {masks / 2**20:.2f} MiB as uint8 indices "
+          f"({8 * masks / max(1, weights):.2f} bit per weight; {pattern} packs to "
+          f"{_packed_bits(pattern):.3f} in `export hf`)")
+    return rows
+
+
+def _packed_bits(pattern: NMPattern) -> float:
+    from .nm import bits_per_weight
+
+    return bits_per_weight(pattern)
+
+
+# ----------------------------------------------------------------------------- TensorRT-LLM
+
+
+def _trt_kind(cfg: ModelConfig) -> str:
+    t = cfg.transformer
+    if t.get("gated_linear_unit"):
+        if t.get("activation") != "silu":
+            raise ExportError(f"gated MLP with {t.get('activation')}: only SwiGLU (LLaMA) is "
+                              "exported")
+        return "llama"
+    if t.get("layernorm_zero_centered_gamma") or t.get("activation") == "squared_relu":
+        return "nemotron"
+    return "gpt"
+
+
+def trtllm_config(cfg: ModelConfig, tp: int, pp: int, dtype: str, pattern: NMPattern) -> dict:
+    """config.json for GPTForCausalLM (GPT-3 style, Nemotron) or LlamaForCausalLM, with the
+    minimal ``mapping`` and ``quantization`` dicts the reference asks for."""
+    t = cfg.transformer
+    kind = _trt_kind(cfg)
+    h, nh = t["hidden_size"], t["num_attention_heads"]
+    head = t.get("kv_channels") or h // nh
+    common = {
+        "dtype": dtype, "logits_dtype": "float32",
+        "vocab_size": cfg.true_vocab_size or cfg.vocab_size, "hidden_size": h,
+        "num_hidden_layers": t["num_layers"], "num_attention_heads": nh,
+        "num_key_value_heads": t.get("num_query_groups") or nh, "head_size": head,
+        "intermediate_size": t.get("ffn_hidden_size") or 4 * h,
+        "norm_epsilon": t.get("layernorm_epsilon", 1e-5),
+        "max_position_embeddings": cfg.max_sequence_length,
+        "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp},
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        "use_parallel_embedding": False, "embedding_sharding_dim": 0,
+        "sparsity": str(pattern),  # informational; TensorRT-LLM accepts unknown top-level keys
+    }
+    if kind == "llama":
+        return {"architecture": "LlamaForCausalLM", **common, "hidden_act": "silu",
+                "position_embedding_type": "rope_gpt_neox", "rotary_base": cfg.rotary_base,
+                "rotary_scaling": None, "mlp_bias": bool(t.get("add_bias_linear")),
+                "attn_bias": bool(t.get("add_bias_linear"))}
+    rope = cfg.position_embedding_type == "rope"
+    act = {"squared_relu": "squared-relu", "relu": "relu"}.get(t.get("activation"), "gelu")
+    return {"architecture": "GPTForCausalLM", **common, "hidden_act": act,
+            "position_embedding_type": "rope_gpt_neox" if rope else "learned_absolute",
+            "rotary_embedding_dim": int(head * cfg.rotary_percent) if rope else head,
+            "rotary_pct": cfg.rotary_percent if rope else 1.0,
+            "rotary_base": cfg.rotary_base, "rotary_scaling": None, "qk_layernorm": False,
+            "gpt_variant": "nemotron" if kind == "nemotron" else "gpt2",
+            "bias": bool(t.get("add_bias_linear", True)), "q_scaling": 1.0,
+            "embedding_scale": None, "apply_query_key_layer_scaling": False,
+            "inner_layernorm": False, "norm_before_bmm1": False,
+            "moe": {"num_experts": 0, "top_k": 0, "normalization_mode": 1}}
+
+
+def _check_layout(cfg: ModelConfig, tp: int, pp: int, pattern: NMPattern) -> None:
+    t = cfg.transformer
+    nh = t["num_attention_heads"]
+    nkv = t.get("num_query_groups") or nh
+    f = t.get("ffn_hidden_size") or 4 * t["hidden_size"]
+    head = t.get("kv_channels") or t["hidden_size"] // nh
+    problems = []
+    if nh % tp:
+        problems.append(f"{nh} heads")
+    if nkv % tp and tp % nkv:
+        problems.append(f"{nkv} key-value heads (TP must divide them or be a multiple)")
+    if f % tp:
+        problems.append(f"intermediate size {f}")
+    if t["num_layers"] % pp:
+        problems.append(f"{t['num_layers']} layers (PP)")
+    for what, k in (("attention.dense", nh * head), ("mlp.proj", f)):
+        if (k // tp) % pattern.m:
+            problems.append(f"{what}: row-parallel shards of {k} // {tp} = {k // tp} input "
+                            f"columns are not a multiple of M={pattern.m}")
+    if problems:
+        raise ExportError(f"TP={tp} x PP={pp} does not fit: " + "; ".join(problems))
+
+
+def _rank_tensors(state: dict, cfg: ModelConfig, tp: int, pp: int, tp_rank: int,
+                  pp_rank: int) -> dict[str, torch.Tensor]:
+    from .convert import _qkv_from_mcore
+
+    t = cfg.transformer
+    kind = _trt_kind(cfg)
+    h, nh = t["hidden_size"], t["num_attention_heads"]
+    nkv = t.get("num_query_groups") or nh
+    d = t.get("kv_channels") or h // nh
+    vocab = cfg.true_vocab_size or cfg.vocab_size
+    zero_centered = bool(t.get("layernorm_zero_centered_gamma"))
+    rms = t.get("normalization") == "RMSNorm"
+    out: dict[str, torch.Tensor] = {}
+
+    def col(x):  # column parallel: split rows
+        return x.chunk(tp, dim=0)[tp_rank]
+
+    def row(x):  # row parallel: split input columns
+        return x.chunk(tp, dim=1)[tp_rank]
+
+    def norm(src: str, dst: str) -> None:
+        weight = state[f"{src}.weight"]
+        out[f"{dst}.weight"] = weight.float() + 1 if zero_centered else weight
+        if not rms:
+            out[f"{dst}.bias"] = state[f"{src}.bias"]
+
+    def kv_split(x):
+        if nkv < tp:  # duplicate KV heads so every rank holds one
+            x = x.reshape(nkv, d, *x.shape[1:]).repeat_interleave(tp // nkv, 0)
+            x = x.reshape(-1, *x.shape[2:])
+        return col(x)
+
+    if pp_rank == 0:
+        out["transformer.vocab_embedding.weight"] = state["embedding.word_embeddings.weight"][
+            :vocab]
+        if cfg.position_embedding_type == "learned_absolute":
+            out["transformer.position_embedding.weight"] = state[
+                "embedding.position_embeddings.weight"]
+    per_stage = t["num_layers"] // pp
+    for j in range(per_stage):
+        m = f"decoder.layers.{pp_rank * per_stage + j}."
+        p = f"transformer.layers.{j}."
+        norm(m + "input_layernorm", p + "input_layernorm")
+        norm(m + "pre_mlp_layernorm", p + "post_layernorm")
+        for suffix in ("weight", "bias"):
+            key = m + f"self_attention.linear_qkv.{suffix}"
+            if key not in state:
+                continue
+            q, k, v = _qkv_from_mcore(state[key], nkv, nh * d, nkv * d)
+            out[p + f"attention.qkv.{suffix}"] = torch.cat([col(q), kv_split(k), kv_split(v)])
+        out[p + "attention.dense.weight"] = row(state[m + "self_attention.linear_proj.weight"])
+        fc1 = state[m + "mlp.linear_fc1.weight"]
+        if kind == "llama":  # TensorRT-LLM: fc = gate (activated), gate = up
+            gate, up = fc1.chunk(2)
+            out[p + "mlp.fc.weight"], out[p + "mlp.gate.weight"] = col(gate), col(up)
+        else:
+            out[p + "mlp.fc.weight"] = col(fc1)
+        out[p + "mlp.proj.weight"] = row(state[m + "mlp.linear_fc2.weight"])
+        if m + "self_attention.linear_proj.bias" in state:
+            out[p + "attention.dense.bias"] = state[m + "self_attention.linear_proj.bias"]
+            fc1b = state[m + "mlp.linear_fc1.bias"]
+            if kind == "llama":
+                gate, up = fc1b.chunk(2)
+                out[p + "mlp.fc.bias"], out[p + "mlp.gate.bias"] = col(gate), col(up)
+            else:
+                out[p + "mlp.fc.bias"] = col(fc1b)
+            out[p + "mlp.proj.bias"] = state[m + "mlp.linear_fc2.bias"]
+    if pp_rank == pp - 1:
+        norm("decoder.final_layernorm", "transformer.ln_f")
+        head = state.get("output_layer.weight", state["embedding.word_embeddings.weight"])
+        rows = math.ceil(vocab / tp) * tp
+        padded = torch.zeros(rows, h, dtype=head.dtype)
+        padded[:vocab] = head[:vocab]
+        out["lm_head.weight"] = col(padded)
+    return out
+
+
+@torch.no_grad()
+def export_trtllm(load: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
+                  dtype: str = "bfloat16", n: int = 2, m: int = 4, progress: bool = True,
+                  _loaded=None) -> Path:
+    """Write ``config.json`` and ``rank{i}.safetensors`` (rank = pp_rank * tp + tp_rank), then
+    validate them. Refuses any GEMM weight that is not N:M on some rank."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from .validate import SPARSE_SUFFIXES, format_report, validate_trtllm
+
+    if dtype not in TRT_DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(TRT_DTYPES)}")
+    model, cfg, mode, pattern, _, _ = _loaded or _load(load, n, m)
+    _check_layout(cfg, tp, pp, pattern)
+    if mode == "dense":
+        raise ExportError(f"{load} holds no masks: its weights are not {pattern} sparse "
+                          "(prune or learn masks first)")
+    state = masked_state(model)
+    config = trtllm_config(cfg, tp, pp, dtype, pattern)
+    out = Path(out)
+    tmp = _atomic_dir(out)
+    for rank in tqdm(range(tp * pp), desc="trtllm ranks", disable=not progress):
+        pp_rank, tp_rank = divmod(rank, tp)
+        tensors = _rank_tensors(state, cfg, tp, pp, tp_rank, pp_rank)
+        for name, tensor in tensors.items():
+            if name.endswith(SPARSE_SUFFIXES) and (
+                    tensor.shape[-1] % pattern.m or not is_nm_sparse(tensor, pattern)):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ExportError(f"rank {rank} (tp {tp_rank}, pp {pp_rank}): {name} is not "
+                                  f"{pattern} along its input dimension")
+        save_file({k: v.to(TRT_DTYPES[dtype]).contiguous() for k, v in tensors.items()},
+                  str(tmp / f"rank{rank}.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    report = validate_trtllm(tmp, pattern.n, pattern.m)
+    if not report.ok:
+        raise ExportError("the exported checkpoint fails validation:\n" + format_report(report))
+    _finish_dir(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+MASKS_FILE = "nm_masks.safetensors"
+
+
+@torch.no_grad()
+def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
+              progress: bool = True) -> Path:
+    """A Hugging Face directory with masked weights (zeros in place), ``config.json`` recording
+    the pattern, and ``nm_masks.safetensors``: each sparse weight's mask packed at
+    :func:`nm.bits_per_weight` bits per weight (0.667 for 2:4)."""
+    from safetensors.torch import save_file
+
+    from .convert import HF_CONFIG, _Mapping, architecture, mcore_to_hf
+    from .nm import mask_to_indices, pack_indices
+
+    model, cfg, mode, pattern, config_dir, _ = _load(load, n, m)
+    if mode == "dense":
+        raise ExportError(f"{load} holds no masks (a dense checkpoint)")
+    if not (config_dir / HF_CONFIG).exists():
+        raise ExportError(f"no {HF_CONFIG} beside {load}: export hf needs a model converted "
+                          "from Hugging Face")
+    hf = json.loads((config_dir / HF_CONFIG).read_text())
+    state = masked_state(model)
+    from .layers import sparse_layers
+
+    masks = dict(state)
+    for name, layer in sparse_layers(model):
+        masks[f"{name}.weight"] = (layer.masked_weight(torch.ones_like(layer.weight)) != 0)
+    mapping = _Mapping(architecture(hf), hf, cfg)
+    out = Path(out)
+    tmp = _atomic_dir(out)
+    mcore_to_hf(config_dir, tmp, progress=progress, _state=state)
+    packed, meta = {}, {}
+    for hf_name, mask in mapping.to_hf(masks.__getitem__):
+        if mask.dtype != torch.bool:
+            continue  # not a sparse weight
+        transposed = architecture(hf) == "gpt2"  # Conv1D stores [in, out]
+        rows_first = mask.t() if transposed else mask
+        if rows_first.shape[-1] % pattern.m:
+            raise ExportError(f"{hf_name}: input dimension not a multiple of {pattern.m}")
+        indices = mask_to_indices(rows_first, pattern)
+        packed[hf_name] = torch.from_numpy(pack_indices(indices, pattern.num_candidates))
+        meta[hf_name] = {"shape": list(mask.shape), "transposed": transposed}
+    save_file(packed, str(tmp / MASKS_FILE), metadata={
+        "pattern": str(pattern), "layout": json.dumps(meta),
+        "format": "candidate indices (lexicographic N:M candidates), mixed-radix packed"})
+    hf_out = json.loads((tmp / "config.json").read_text())
+    weights = sum(math.prod(v["shape"]) for v in meta.values())
+    hf_out["sparsity"] = {"pattern": str(pattern), "axis": "input", "masks_file": MASKS_FILE,
+                          "bits_per_weight": 8 * sum(t.numel() for t in packed.values())
+                          / max(1, weights)}
+    (tmp / "config.json").write_text(json.dumps(hf_out, indent=1))
+    _finish_dir(tmp, out)
+    return out
+
+
+def load_packed_masks(directory: str | Path) -> dict[str, torch.Tensor]:
+    """HF parameter name -> boolean mask (True = kept), from ``nm_masks.safetensors``."""
+    from safetensors import safe_open
+
+    from .nm import indices_to_mask, unpack_indices
+
+    path = Path(directory) / MASKS_FILE
+    masks = {}
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        pattern = NMPattern.parse(meta["pattern"])
+        layout = json.loads(meta["layout"])
+        for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            info = layout[name]
+            shape = info["shape"][::-1] if info["transposed"] else info["shape"]
+            count = shape[0] * shape[1] // pattern.m
+            indices = unpack_indices(f.get_tensor(name).numpy(), pattern.num_candidates, count)
+            mask = indices_to_mask(indices.reshape(shape[0], shape[1] // pattern.m), pattern)
+            masks[name] = (mask.t() if info["transposed"] else mask).bool()
+    return masks
+
+
+@torch.no_grad()
+def apply_packed_masks(model: torch.nn.Module, directory: str | Path) -> int:
+    """Multiply an HF model's weights by the packed masks in ``directory`` (for a dense copy of
+    the weights, or to re-impose the pattern after fine-tuning). Returns how many it masked."""
+    params = dict(model.named_parameters())
+    masks = load_packed_masks(directory)
+    for name, mask in masks.items():
+        if name not in params:
+            raise KeyError(f"the model has no parameter {name} for a packed mask")
+        if tuple(params[name].shape) != tuple(mask.shape):
+            raise ValueError(f"{name}: mask shape {list(mask.shape)} != parameter shape "
+                             f"{list(params[name].shape)}")
+        params[name].mul_(mask.to(params[name].dtype))
+    return len(masks)
