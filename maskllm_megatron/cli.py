@@ -144,6 +144,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return _run_distributed(demo_main, args, "demo") if args.tp == 1 or \
+        "WORLD_SIZE" in __import__("os").environ else demo_main(args)
+
+
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that build a model from a checkpoint."""
     p.add_argument("--load", required=True, help="checkpoint directory (a run, iter_N or model)")
@@ -264,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     vtrt.add_argument("--N", type=int, default=2)
     vtrt.add_argument("--M", type=int, default=4)
     val.set_defaults(func=_cmd_validate)
+
+    dem = sub.add_parser("demo", help="the whole method on CPU: pretrain, one-shot baselines, "
+                         "MaskLLM, perplexities, export (about 15 minutes on 2 cores)")
+    dem.add_argument("--workdir", default="~/.cache/maskllm/demo",
+                     help="every step is cached here; a rerun skips what is done")
+    dem.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (gloo on CPU)")
+    dem.add_argument("--size", default="default", choices=["default", "tiny"])
+    dem.add_argument("--pretrain-iters", type=int)
+    dem.add_argument("--mask-iters", type=int)
+    dem.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    dem.set_defaults(func=_cmd_demo)
     return parser
 
 

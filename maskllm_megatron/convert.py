@@ -123,6 +123,43 @@ def model_config_from_hf(hf: dict, tp: int = 1, divisible_by: int = 128,
                        true_vocab_size=vocab, **rope)
 
 
+def hf_config_from_model_config(cfg: ModelConfig) -> dict:
+    """An HF config.json for a model that was not converted from HF (e.g. the demo's), when it
+    is one of the supported architectures exactly; the inverse of :func:`model_config_from_hf`."""
+    t = cfg.transformer
+    vocab = cfg.true_vocab_size or cfg.vocab_size
+    dtype = t.get("params_dtype", "float32")
+    heads = t["num_attention_heads"]
+    if (t.get("activation") == "gelu_tanh" and cfg.position_embedding_type == "learned_absolute"
+            and cfg.share_embeddings_and_output_weights and t.get("add_bias_linear", True)
+            and t.get("normalization", "LayerNorm") == "LayerNorm"
+            and (t.get("num_query_groups") or heads) == heads):
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                "vocab_size": vocab, "n_embd": t["hidden_size"], "n_layer": t["num_layers"],
+                "n_head": heads, "n_positions": cfg.max_sequence_length,
+                "n_inner": t.get("ffn_hidden_size") or 4 * t["hidden_size"],
+                "activation_function": "gelu_new",
+                "layer_norm_epsilon": t.get("layernorm_epsilon", 1e-5),
+                "tie_word_embeddings": True, "torch_dtype": dtype, "bos_token_id": 0,
+                "eos_token_id": 0}
+    if (t.get("gated_linear_unit") and t.get("activation") == "silu"
+            and t.get("normalization") == "RMSNorm" and cfg.position_embedding_type == "rope"
+            and cfg.rotary_percent == 1.0):
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "vocab_size": vocab, "hidden_size": t["hidden_size"],
+                "intermediate_size": t["ffn_hidden_size"],
+                "num_hidden_layers": t["num_layers"], "num_attention_heads": heads,
+                "num_key_value_heads": t.get("num_query_groups") or heads,
+                "head_dim": t.get("kv_channels") or t["hidden_size"] // heads,
+                "rms_norm_eps": t.get("layernorm_epsilon", 1e-5), "hidden_act": "silu",
+                "rope_theta": cfg.rotary_base, "max_position_embeddings": cfg.max_sequence_length,
+                "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
+                "attention_bias": bool(t.get("add_qkv_bias")),
+                "mlp_bias": bool(t.get("add_bias_linear")), "torch_dtype": dtype}
+    raise ConversionError("this model matches none of the Hugging Face architectures "
+                          f"{', '.join(SUPPORTED)} exactly; convert it from HF to export it")
+
+
 def check_parallel(transformer: dict, tp: int, pp: int = 1) -> None:
     """TP must divide heads and KV groups, PP the layers: checked before any work."""
     heads = transformer["num_attention_heads"]
@@ -456,10 +493,14 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
     source = model_dir(mcore_dir)
     config_dir = next((d for d in (mcore_dir, source, source.parent)
                        if (d / HF_CONFIG).exists()), None)
-    if config_dir is None:
-        raise FileNotFoundError(f"no {HF_CONFIG} beside {mcore_dir}: was it converted from "
-                                "Hugging Face with maskllm convert hf-to-mcore?")
-    hf = json.loads((config_dir / HF_CONFIG).read_text())
+    if config_dir is not None:
+        hf = json.loads((config_dir / HF_CONFIG).read_text())
+    else:  # not converted from HF: derive the HF config when the architecture matches
+        config_dir = next((d for d in (mcore_dir, source, source.parent)
+                           if (d / "model_config.json").exists()), None)
+        if config_dir is None:
+            raise FileNotFoundError(f"no {HF_CONFIG} or model_config.json beside {mcore_dir}")
+        hf = hf_config_from_model_config(ModelConfig.load(config_dir))
     cfg = ModelConfig.load(config_dir)
     if _state is None:
         runtime.init_distributed(1, 1)

@@ -335,10 +335,12 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     model, cfg, mode, pattern, config_dir, _ = _load(load, n, m)
     if mode == "dense":
         raise ExportError(f"{load} holds no masks (a dense checkpoint)")
-    if not (config_dir / HF_CONFIG).exists():
-        raise ExportError(f"no {HF_CONFIG} beside {load}: export hf needs a model converted "
-                          "from Hugging Face")
-    hf = json.loads((config_dir / HF_CONFIG).read_text())
+    if (config_dir / HF_CONFIG).exists():
+        hf = json.loads((config_dir / HF_CONFIG).read_text())
+    else:
+        from .convert import hf_config_from_model_config
+
+        hf = hf_config_from_model_config(cfg)
     state = masked_state(model)
     from .layers import sparse_layers
 
