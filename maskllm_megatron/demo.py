@@ -238,9 +238,23 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
 
     def deploy():
         trimmed, trt, hf = (workdir / "deploy" / x for x in ("trimmed", "trtllm", "hf"))
-        trim(workdir / best_run, trimmed)
-        export_trtllm(trimmed, trt, tp=tp, pp=1, dtype="bfloat16", progress=False)
-        export_hf(trimmed, hf, progress=False)
+        if layout.world_size == 1:
+            trim(workdir / best_run, trimmed)
+            export_trtllm(trimmed, trt, tp=tp, pp=1, dtype="bfloat16", progress=False)
+            export_hf(trimmed, hf, progress=False)
+        else:  # the exporters re-lay the model out at TP=1: one fresh process, rank 0 only
+            import subprocess
+
+            cli = [sys.executable, "-m", "maskllm_megatron.cli"]
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+            for cmd in (["trim", str(workdir / best_run), "--out", str(trimmed)],
+                        ["export", "trtllm", "--load", str(trimmed), "--out", str(trt), "--tp",
+                         str(tp), "--dtype", "bfloat16", "--no-progress"],
+                        ["export", "hf", "--load", str(trimmed), "--out", str(hf),
+                         "--no-progress"]):
+                subprocess.run(cli + cmd, env=env, check=True)
         report = validate_trtllm(trt)
         return {"source": best_run, "valid": report.ok,
                 "density": report.density.get("all sparse GEMM weights")}
@@ -308,7 +322,11 @@ def _plot(workdir: Path, table: dict, runs: list[Path]) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     names = [r["method"] for r in table["rows"]]
-    axes[0].barh(names, [r["ppl"] for r in table["rows"]], color="tab:blue")
+    values = [r["ppl"] for r in table["rows"]]
+    axes[0].barh(names, values, color="tab:blue")
+    axes[0].set_xlim(min(values) * 0.98, max(values) * 1.01)  # the differences, not the total
+    for y, value in enumerate(values):
+        axes[0].text(value, y, f" {value:.1f}", va="center", fontsize=8)
     axes[0].set_xlabel("held-out perplexity (lower is better)")
     axes[0].invert_yaxis()
     for run in runs:

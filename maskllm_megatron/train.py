@@ -607,6 +607,8 @@ def _entry_like(entry, key: str, data: torch.Tensor):
 
     if not isinstance(entry, ShardedTensor):  # SwiGLU factory: rebuilt from the data's shape
         return dataclasses.replace(entry, key=key, data=data)
+    if data.shape == entry.data.shape:  # a moment shaped like its parameter (any axis sharded)
+        return dataclasses.replace(entry, key=key, data=data, dtype=data.dtype)
     if data.dim() == entry.data.dim():
         last = lambda shape, size: tuple(shape[:-1]) + (size,)  # noqa: E731
         return dataclasses.replace(
