@@ -151,9 +151,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "WORLD_SIZE" in __import__("os").environ else demo_main(args)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import run_plan
+
+    try:
+        return run_plan(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"maskllm plan: {err}", file=sys.stderr)
+        return 2
+
+
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that build a model from a checkpoint."""
-    p.add_argument("--load", required=True, help="checkpoint directory (a run, iter_N or model)")
+    p.add_argument("--config", help="a recipe YAML: its keys fill the flags not given here "
+                   "(the trainer's recipes work; keys this command does not take are ignored)")
+    p.add_argument("--load", help="checkpoint directory (a run, iter_N or model)")
     p.add_argument("--model-config", help="model_config.json or its directory "
                    "(default: the one beside --load)")
     p.add_argument("--tokenizer", help="default: the model config's tokenizer")
@@ -272,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     vtrt.add_argument("--M", type=int, default=4)
     val.set_defaults(func=_cmd_validate)
 
+    pln = sub.add_parser("plan", help="per-GPU memory of a recipe on a cluster; suggests a "
+                         "layout that fits")
+    pln.add_argument("recipe", help="a YAML recipe (the trainer's flag names)")
+    pln.add_argument("--nodes", type=int, default=1)
+    pln.add_argument("--gpus-per-node", type=int, default=8)
+    pln.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU")
+    pln.set_defaults(func=_cmd_plan)
+
     dem = sub.add_parser("demo", help="the whole method on CPU: pretrain, one-shot baselines, "
                          "MaskLLM, perplexities, export (about 15 minutes on 2 cores)")
     dem.add_argument("--workdir", default="~/.cache/maskllm/demo",
@@ -285,9 +305,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """prune / eval-ppl: fill unset flags from ``--config`` (trainer recipes use the same
+    names), with ``~`` expanded in paths."""
+    import os
+
+    import yaml
+
+    recipe = yaml.safe_load(open(os.path.expanduser(args.config))) or {}
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parser = commands.choices[args.command]  # defaults live on the subcommand's parser
+    for key, value in recipe.items():
+        name = key.replace("-", "_")
+        if name == "save":
+            continue  # the trainer's output directory, not this command's
+        if hasattr(args, name) and getattr(args, name) in (None, [], parser.get_default(name)):
+            setattr(args, name, os.path.expanduser(value) if isinstance(value, str) else value)
+    if isinstance(getattr(args, "data_path", None), list):
+        args.data_path = [os.path.expanduser(str(p)) for p in args.data_path]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("prune", "eval-ppl"):
+        if args.config:
+            _apply_recipe(args, parser)
+        if not args.load:
+            parser.error(f"{args.command}: --load is required (or a --config that sets load)")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -138,6 +138,10 @@ def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
             name = key.replace("-", "_")
             if name not in names:
                 raise ValueError(f"{ns.config}: unknown setting {key!r}")
+            if isinstance(value, str) and value.startswith("~"):
+                value = os.path.expanduser(value)
+            elif isinstance(value, list):
+                value = [os.path.expanduser(v) if isinstance(v, str) else v for v in value]
             values[name] = value
     for f in dataclasses.fields(TrainArgs):
         value = getattr(ns, f.name, None)

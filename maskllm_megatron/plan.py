@@ -1,0 +1,145 @@
+"""``maskllm plan``: per-GPU memory of a recipe at a cluster size, before anyone queues a job.
+
+Per GPU (bytes), for a model with L layers, hidden h, FFN f, heads a, KV groups g, head dim d,
+vocabulary V, at TP t and PP p (the first pipeline stage is the fullest; it is the one planned):
+
+* frozen weights: the stage's L/p layers' linears and norms, bf16 (2 B), divided by t; the
+  embedding (V x h / t) on the first stage, the output layer on the last (or the first, tied);
+* mask state per prunable weight of the stage's linears / t: fp32 logits (1.5 x 4 B for 2:4)
+  plus bf16 gradient and two bf16 Adam moments (1.5 x 3 x 2 B) = 15 B (the trainer's default);
+* masked-weight copies: each linear's ``W * mask`` (bf16) is kept for backward: 2 B per
+  prunable weight of the stage;
+* activations (Korthikanti et al. 2022, no recomputation, no sequence parallel):
+  ``s b h (10 + 24/t + 5 a s / (h t))`` bytes per layer per micro-batch, times the stage's
+  layers, times the micro-batches 1F1B keeps in flight on the first stage (min(p, m));
+  plus the logits ``4 s b V / t`` (fp32) on the last stage.
+
+DP = nodes x GPUs / (t x p). A layout fits when the total is below 90% of the GPU memory (the
+rest is the CUDA context, allocator slack and communication buffers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .model_config import ModelConfig
+
+HEADROOM = 0.9
+MASK_STATE_BYTES = 15.0  # per prunable weight: see optim.py
+
+
+@dataclass
+class Plan:
+    tp: int
+    pp: int
+    dp: int
+    micro_batch_size: int
+    rows: dict[str, float]  # bytes per GPU
+    gpu_bytes: float
+
+    @property
+    def total(self) -> float:
+        return sum(self.rows.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= HEADROOM * self.gpu_bytes
+
+
+def _sizes(cfg: ModelConfig) -> dict:
+    t = cfg.transformer
+    h, a = t["hidden_size"], t["num_attention_heads"]
+    d = t.get("kv_channels") or h // a
+    g = t.get("num_query_groups") or a
+    f = t.get("ffn_hidden_size") or 4 * h
+    fc1_rows = 2 * f if t.get("gated_linear_unit") else f
+    linear = (a * d + 2 * g * d) * h + h * a * d + fc1_rows * h + h * f
+    return {"h": h, "a": a, "L": t["num_layers"], "V": cfg.vocab_size, "linear": linear,
+            "norms": 4 * h}
+
+
+def plan_layout(cfg: ModelConfig, tp: int, pp: int, world: int, seq: int, micro_batch: int,
+                global_batch: int, gpu_gb: float, pattern_candidates: int = 6,
+                pattern_m: int = 4) -> Plan:
+    z = _sizes(cfg)
+    layers = z["L"] // pp
+    prunable = layers * z["linear"] / tp
+    logits_per_weight = pattern_candidates / pattern_m
+    state_per_weight = logits_per_weight * (4 + 2 + 2 + 2)
+    embedding = z["V"] * z["h"] / tp
+    frozen = 2 * (prunable + layers * z["norms"] + embedding
+                  + (embedding if pp == 1 and not cfg.share_embeddings_and_output_weights
+                     else 0))
+    dp = world // (tp * pp)
+    microbatches = max(1, global_batch // (micro_batch * max(1, dp)))
+    in_flight = min(pp, microbatches)
+    s, b, h, a = seq, micro_batch, z["h"], z["a"]
+    per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+    activations = per_layer * layers * in_flight
+    logits_out = 4 * s * b * z["V"] / tp if pp == 1 else 0
+    rows = {"frozen weights (bf16)": frozen, "mask logits + grads + Adam": prunable *
+            state_per_weight, "masked-weight copies": 2 * prunable,
+            "activations": activations + logits_out}
+    return Plan(tp, pp, dp, micro_batch, rows, gpu_gb * 2**30)
+
+
+def suggest(cfg: ModelConfig, world: int, seq: int, global_batch: int, gpu_gb: float,
+            gpus_per_node: int) -> Plan | None:
+    """The smallest TP (within a node), then PP, then the largest micro-batch that fits."""
+    a = cfg.transformer["num_attention_heads"]
+    g = cfg.transformer.get("num_query_groups") or a
+    layers = cfg.transformer["num_layers"]
+    for tp in (t for t in (1, 2, 4, 8) if t <= gpus_per_node and a % t == 0 and g % t == 0):
+        for pp in (p for p in range(1, layers + 1) if layers % p == 0 and world % (tp * p) == 0):
+            for mbs in (4, 2, 1):
+                dp = world // (tp * pp)
+                if global_batch % (mbs * dp):
+                    continue
+                plan = plan_layout(cfg, tp, pp, world, seq, mbs, global_batch, gpu_gb)
+                if plan.fits:
+                    return plan
+    return None
+
+
+def run_plan(args) -> int:
+    """The ``maskllm plan`` command: print the table; exit 1 when the recipe's layout does not
+    fit, with a layout that does."""
+    import yaml
+
+    recipe_path = Path(args.recipe)
+    recipe = yaml.safe_load(recipe_path.read_text()) or {}
+    source = recipe.get("model_config") or recipe.get("load")
+    if not source:
+        raise ValueError(f"{recipe_path} names no model_config (or load) to plan for")
+    cfg = ModelConfig.load(Path(source).expanduser())
+    world = args.nodes * args.gpus_per_node
+    tp = int(recipe.get("tensor_model_parallel_size", 1))
+    pp = int(recipe.get("pipeline_model_parallel_size", 1))
+    seq = int(recipe.get("seq_length") or cfg.max_sequence_length)
+    gbs = int(recipe.get("global_batch_size", 8))
+    mbs = int(recipe.get("micro_batch_size", 1))
+    if world % (tp * pp):
+        raise ValueError(f"{world} GPUs are not a multiple of TP {tp} x PP {pp}")
+    plan = plan_layout(cfg, tp, pp, world, seq, mbs, gbs, args.gpu_memory)
+    _print(plan, recipe_path.name)
+    if plan.fits:
+        return 0
+    better = suggest(cfg, world, seq, gbs, args.gpu_memory, args.gpus_per_node)
+    if better is None:
+        print("no layout fits: more GPUs, or a GPU with more memory")
+    else:
+        print(f"does not fit; this does: --tensor-model-parallel-size {better.tp} "
+              f"--pipeline-model-parallel-size {better.pp} --micro-batch-size "
+              f"{better.micro_batch_size} (DP {better.dp}, {better.total / 2**30:.1f} GiB)")
+    return 1
+
+
+def _print(plan: Plan, name: str) -> None:
+    print(f"{name}: TP {plan.tp} x PP {plan.pp} x DP {plan.dp}, micro-batch "
+          f"{plan.micro_batch_size}; per GPU (first pipeline stage)")
+    for what, value in plan.rows.items():
+        print(f"  {what:<30} {value / 2**30:8.2f} GiB")
+    print(f"  {'total':<30} {plan.total / 2**30:8.2f} GiB of {plan.gpu_bytes / 2**30:.0f} GiB "
+          f"({'fits' if plan.fits else 'does NOT fit'} with {1 - HEADROOM:.0%} headroom)")
+
