@@ -26,7 +26,6 @@ from pathlib import Path
 from .model_config import ModelConfig
 
 HEADROOM = 0.9
-MASK_STATE_BYTES = 15.0  # per prunable weight: see optim.py
 
 
 @dataclass
@@ -66,7 +65,6 @@ def plan_layout(cfg: ModelConfig, tp: int, pp: int, world: int, seq: int, micro_
     layers = z["L"] // pp
     prunable = layers * z["linear"] / tp
     logits_per_weight = pattern_candidates / pattern_m
-    state_per_weight = logits_per_weight * (4 + 2 + 2 + 2)
     embedding = z["V"] * z["h"] / tp
     frozen = 2 * (prunable + layers * z["norms"] + embedding
                   + (embedding if pp == 1 and not cfg.share_embeddings_and_output_weights
@@ -78,9 +76,11 @@ def plan_layout(cfg: ModelConfig, tp: int, pp: int, world: int, seq: int, micro_
     per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
     activations = per_layer * layers * in_flight
     logits_out = 4 * s * b * z["V"] / tp if pp == 1 else 0
-    rows = {"frozen weights (bf16)": frozen, "mask logits + grads + Adam": prunable *
-            state_per_weight, "masked-weight copies": 2 * prunable,
-            "activations": activations + logits_out}
+    rows = {"frozen weights (bf16)": frozen,
+            "mask logits (fp32)": prunable * logits_per_weight * 4,
+            "logit gradients (bf16)": prunable * logits_per_weight * 2,
+            "Adam state (bf16)": prunable * logits_per_weight * 2 * 2,
+            "masked-weight copies": 2 * prunable, "activations": activations + logits_out}
     return Plan(tp, pp, dp, micro_batch, rows, gpu_gb * 2**30)
 
 
