@@ -226,6 +226,10 @@ class _Mapping:
                 "v": p + "self_attn.v_proj", "proj": p + "self_attn.o_proj",
                 "gate": p + "mlp.gate_proj", "up": p + "mlp.up_proj", "fc2": p + "mlp.down_proj"}
 
+    @staticmethod
+    def _suffixes(bias: bool) -> tuple[str, ...]:
+        return ("weight", "bias") if bias else ("weight",)
+
     def _norm_suffixes(self) -> tuple[str, ...]:
         return ("weight",) if self.cfg.transformer.get("normalization") == "RMSNorm" \
             else ("weight", "bias")
@@ -261,28 +265,15 @@ class _Mapping:
                     yield m + ours + ".weight", get(n[theirs] + ".weight").t()
                     yield m + ours + ".bias", get(n[theirs] + ".bias")
                 continue
-            yield m + "self_attention.linear_qkv.weight", _qkv_to_mcore(
-                get(n["q"] + ".weight"), get(n["k"] + ".weight"), get(n["v"] + ".weight"),
-                self.groups)
-            if self.qkv_bias:
-                yield m + "self_attention.linear_qkv.bias", _qkv_to_mcore(
-                    get(n["q"] + ".bias"), get(n["k"] + ".bias"), get(n["v"] + ".bias"),
+            for s in self._suffixes(self.qkv_bias):
+                yield m + f"self_attention.linear_qkv.{s}", _qkv_to_mcore(
+                    get(f"{n['q']}.{s}"), get(f"{n['k']}.{s}"), get(f"{n['v']}.{s}"),
                     self.groups)
-            yield m + "self_attention.linear_proj.weight", get(n["proj"] + ".weight")
-            if self.arch == "llama":
-                yield m + "mlp.linear_fc1.weight", torch.cat([get(n["gate"] + ".weight"),
-                                                              get(n["up"] + ".weight")])
-            else:
-                yield m + "mlp.linear_fc1.weight", get(n["up"] + ".weight")
-            yield m + "mlp.linear_fc2.weight", get(n["fc2"] + ".weight")
-            if self.biases:
-                yield m + "self_attention.linear_proj.bias", get(n["proj"] + ".bias")
-                if self.arch == "llama":
-                    yield m + "mlp.linear_fc1.bias", torch.cat([get(n["gate"] + ".bias"),
-                                                                get(n["up"] + ".bias")])
-                else:
-                    yield m + "mlp.linear_fc1.bias", get(n["up"] + ".bias")
-                yield m + "mlp.linear_fc2.bias", get(n["fc2"] + ".bias")
+            for s in self._suffixes(self.biases):
+                yield m + f"self_attention.linear_proj.{s}", get(f"{n['proj']}.{s}")
+                fc1 = [get(f"{n['gate']}.{s}")] if self.arch == "llama" else []
+                yield m + f"mlp.linear_fc1.{s}", torch.cat(fc1 + [get(f"{n['up']}.{s}")])
+                yield m + f"mlp.linear_fc2.{s}", get(f"{n['fc2']}.{s}")
         for s in self._norm_suffixes():
             yield f"decoder.final_layernorm.{s}", get(f"{final_norm}.{s}")
         if not self.tied:
@@ -300,44 +291,30 @@ class _Mapping:
             for s in self._norm_suffixes():
                 yield f"{n['ln1']}.{s}", get(m + f"input_layernorm.{s}")
                 yield f"{n['ln2']}.{s}", get(m + f"pre_mlp_layernorm.{s}")
-            qkv = _qkv_from_mcore(get(m + "self_attention.linear_qkv.weight"), self.groups,
-                                  self.q_rows, self.kv_rows)
-            if self.arch == "gpt2":
-                yield n["qkv"] + ".weight", torch.cat(qkv).t().contiguous()
-                yield n["qkv"] + ".bias", torch.cat(_qkv_from_mcore(
-                    get(m + "self_attention.linear_qkv.bias"), self.groups, self.q_rows,
-                    self.kv_rows))
+            if self.arch == "gpt2":  # c_attn: [q; k; v] over all heads, Conv1D [in, out]
+                for s in ("weight", "bias"):
+                    qkv = torch.cat(_qkv_from_mcore(get(m + f"self_attention.linear_qkv.{s}"),
+                                                    self.groups, self.q_rows, self.kv_rows))
+                    yield f"{n['qkv']}.{s}", qkv.t().contiguous() if s == "weight" else qkv
                 for ours, theirs in (("self_attention.linear_proj", "proj"),
                                      ("mlp.linear_fc1", "fc1"), ("mlp.linear_fc2", "fc2")):
                     yield n[theirs] + ".weight", get(m + ours + ".weight").t().contiguous()
                     yield n[theirs] + ".bias", get(m + ours + ".bias")
                 continue
-            for name, t in zip(("q", "k", "v"), qkv, strict=True):
-                yield n[name] + ".weight", t.contiguous()
-            if self.qkv_bias:
-                biases = _qkv_from_mcore(get(m + "self_attention.linear_qkv.bias"), self.groups,
-                                         self.q_rows, self.kv_rows)
-                for name, t in zip(("q", "k", "v"), biases, strict=True):
-                    yield n[name] + ".bias", t.contiguous()
-            yield n["proj"] + ".weight", get(m + "self_attention.linear_proj.weight")
-            fc1 = get(m + "mlp.linear_fc1.weight")
-            if self.arch == "llama":
-                gate, up = fc1.chunk(2)
-                yield n["gate"] + ".weight", gate.contiguous()
-                yield n["up"] + ".weight", up.contiguous()
-            else:
-                yield n["up"] + ".weight", fc1
-            yield n["fc2"] + ".weight", get(m + "mlp.linear_fc2.weight")
-            if self.biases:
-                yield n["proj"] + ".bias", get(m + "self_attention.linear_proj.bias")
-                fc1b = get(m + "mlp.linear_fc1.bias")
-                if self.arch == "llama":
-                    gate, up = fc1b.chunk(2)
-                    yield n["gate"] + ".bias", gate.contiguous()
-                    yield n["up"] + ".bias", up.contiguous()
-                else:
-                    yield n["up"] + ".bias", fc1b
-                yield n["fc2"] + ".bias", get(m + "mlp.linear_fc2.bias")
+            for s in self._suffixes(self.qkv_bias):
+                parts = _qkv_from_mcore(get(m + f"self_attention.linear_qkv.{s}"), self.groups,
+                                        self.q_rows, self.kv_rows)
+                for name, t in zip(("q", "k", "v"), parts, strict=True):
+                    yield f"{n[name]}.{s}", t.contiguous()
+            for s in self._suffixes(self.biases):
+                yield f"{n['proj']}.{s}", get(m + f"self_attention.linear_proj.{s}")
+                fc1 = get(m + f"mlp.linear_fc1.{s}")
+                if self.arch == "llama":  # [gate; up]
+                    gate, up = fc1.chunk(2)
+                    yield f"{n['gate']}.{s}", gate.contiguous()
+                    fc1 = up.contiguous()
+                yield f"{n['up']}.{s}", fc1
+                yield f"{n['fc2']}.{s}", get(m + f"mlp.linear_fc2.{s}")
         for s in self._norm_suffixes():
             yield f"{final_norm}.{s}", get(f"decoder.final_layernorm.{s}")
         if not self.tied:

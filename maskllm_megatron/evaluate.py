@@ -19,6 +19,38 @@ import torch
 MODES = ("auto", "dense")
 
 
+def forward_passes(model, dataset, batches, seq_length: int, iterations: int = 1,
+                   dp_rank: int = 0) -> list[float]:
+    """Forward-only over ``iterations`` global batches through megatron's schedule (any PP);
+    returns the LM losses of the micro-batches on the last stage (empty elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from .data.datasets import batch_for
+
+    losses: list[float] = []
+    for it in range(iterations):
+        counter = iter(range(batches.num_microbatches))
+
+        def forward_step(data_iterator, model, it=it, counter=counter):
+            batch = batch_for(dataset, batches, it, next(counter), dp_rank)
+            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            mask = batch["loss_mask"].float()
+
+            def loss_func(output_tensor):
+                loss = (output_tensor.float() * mask).sum() / mask.sum()
+                return loss, {"lm loss": loss.detach().clone()}
+
+            return output, loss_func
+
+        with torch.no_grad():
+            result = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=None, model=[model],
+                num_microbatches=batches.num_microbatches, seq_length=seq_length,
+                micro_batch_size=batches.micro_batch_size, forward_only=True)
+        losses.extend(float(d["lm loss"]) for d in result or [])
+    return losses
+
+
 def windows(tokens: torch.Tensor, seq_length: int) -> list[torch.Tensor]:
     """Non-overlapping windows; the tail is kept when it predicts at least one token."""
     if seq_length < 2:

@@ -259,38 +259,6 @@ def available_tokens(data_path: list[str]) -> int:
     return total
 
 
-def forward_passes(model, dataset, batches, seq_length: int, iterations: int = 1,
-                   dp_rank: int = 0) -> list[float]:
-    """Forward-only over ``iterations`` global batches through megatron's schedule (any PP);
-    returns the LM losses of the micro-batches on the last stage (empty elsewhere)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from .data.datasets import batch_for
-
-    losses: list[float] = []
-    for it in range(iterations):
-        counter = iter(range(batches.num_microbatches))
-
-        def forward_step(data_iterator, model, it=it, counter=counter):
-            batch = batch_for(dataset, batches, it, next(counter), dp_rank)
-            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-            mask = batch["loss_mask"].float()
-
-            def loss_func(output_tensor):
-                loss = (output_tensor.float() * mask).sum() / mask.sum()
-                return loss, {"lm loss": loss.detach().clone()}
-
-            return output, loss_func
-
-        with torch.no_grad():
-            result = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=None, model=[model],
-                num_microbatches=batches.num_microbatches, seq_length=seq_length,
-                micro_batch_size=batches.micro_batch_size, forward_only=True)
-        losses.extend(float(d["lm loss"]) for d in result or [])
-    return losses
-
-
 def run_prune(args) -> dict:
     """``maskllm prune``: build the model at TP x PP, load dense weights, prune, save
     ``SAVE/pruned`` (weights times mask, or updated) and ``SAVE/masks`` (masks only)."""
@@ -302,6 +270,7 @@ def run_prune(args) -> dict:
     from .checkpoint import load_model, save_model
     from .data.datasets import BatchLayout, build_gpt_datasets
     from .data.tokenizer import load_tokenizer
+    from .evaluate import forward_passes
     from .layers import MaskSettings, SamplingState, attach_sampling, sparse_layers
     from .model_config import ModelConfig
     from .spec import build_gpt_model

@@ -402,34 +402,15 @@ def _clip_gradients(params, max_norm: float) -> float:
 def evaluate(model, state, dataset, batches, seq_length, iters: int) -> float:
     """Mean LM loss with hard (argmax) masks on ``iters`` validation batches."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from .data.datasets import batch_for
+    from .evaluate import forward_passes
     from .layers import set_mask_mode
 
     modes = {id(layer): layer.mode for _, layer in sparse_layers(model)}
     if any(mode == "learn" for mode in modes.values()):
         set_mask_mode(model, "hard")
-    total = []
     try:
-        for it in range(iters):
-            counter = iter(range(batches.num_microbatches))
-
-            def forward_step(data_iterator, model, it=it, counter=counter):
-                batch = batch_for(dataset, batches, it, next(counter), state.dp_rank)
-                output = model(batch["tokens"], batch["position_ids"], None,
-                               labels=batch["labels"])
-                mask = batch["loss_mask"].float()
-                return output, lambda out: ((out.float() * mask).sum() / mask.sum(),
-                                            {"lm loss": ((out.float() * mask).sum() /
-                                                         mask.sum()).clone()})
-
-            losses = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=None, model=[model],
-                num_microbatches=batches.num_microbatches, seq_length=seq_length,
-                micro_batch_size=batches.micro_batch_size, forward_only=True)
-            if losses:
-                total.extend(float(d["lm loss"]) for d in losses)
+        total = forward_passes(model, dataset, batches, seq_length, iters, state.dp_rank)
     finally:
         for _, layer in sparse_layers(model):
             layer.mode = modes[id(layer)]

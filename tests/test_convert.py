@@ -1,24 +1,15 @@
 """Hugging Face <-> megatron-core conversion on tiny random models built from configs (no hub)."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from cli_runner import ENV
+from cli_runner import run_cli as _run
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-CLI = [sys.executable, "-m", "maskllm_megatron.cli"]
 VOCAB = 300  # not a multiple of 128: padding is exercised
-
-
-def _run(args, check=True):
-    proc = subprocess.run(CLI + args, env=ENV, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"maskllm {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
-    return proc
 
 
 def _hf_model(kind: str):

@@ -4,32 +4,19 @@ converted from transformers (GPT-2 style, Nemotron style, LLaMA style)."""
 import copy
 import json
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import run_cli as _run
 
 from maskllm_megatron.nm import NMPattern, is_nm_sparse, mask_from_scores
 from maskllm_megatron.validate import validate_trtllm
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-CLI = [sys.executable, "-m", "maskllm_megatron.cli"]
 LAYOUTS = [(1, 1), (2, 1), (2, 2)]
 KINDS = ["gpt2", "nemotron", "llama"]
 P24 = NMPattern(2, 4)
-
-
-def _run(args, check=True, script=None):
-    cmd = [sys.executable, "-c", script, *args] if script else CLI + args
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
-    return proc
 
 
 EXPORTS = """

@@ -1,23 +1,10 @@
 """`maskllm prune` and `maskllm eval-ppl` end to end on a small trained model (subprocesses)."""
 
-import os
 import random
 import re
-import subprocess
-import sys
 
 import pytest
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-CLI = [sys.executable, "-m", "maskllm_megatron.cli"]
-
-
-def _run(args, check=True):
-    proc = subprocess.run(CLI + args, env=ENV, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"maskllm {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
-    return proc
+from cli_runner import run_cli as _run
 
 
 @pytest.fixture(scope="module")

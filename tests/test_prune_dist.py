@@ -51,7 +51,8 @@ def case_prune(path, method, hessian):
 
     from maskllm_megatron.checkpoint import global_tensors, load_model
     from maskllm_megatron.data.datasets import BatchLayout
-    from maskllm_megatron.prune import forward_passes, prune_model
+    from maskllm_megatron.evaluate import forward_passes
+    from maskllm_megatron.prune import prune_model
     from maskllm_megatron.runtime import current_layout
 
     model = _build()

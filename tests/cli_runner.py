@@ -1,0 +1,19 @@
+"""Run ``maskllm`` (or a Python snippet) in a subprocess, as a user would, with one rank's
+threads; a failure shows the command's own output."""
+
+import os
+import subprocess
+import sys
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+CLI = [sys.executable, "-m", "maskllm_megatron.cli"]
+
+
+def run_cli(args, check=True, script=None):
+    """``maskllm ARGS``, or ``python -c SCRIPT ARGS`` when ``script`` is given."""
+    cmd = [sys.executable, "-c", script, *args] if script else CLI + list(args)
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd[1:]))} failed:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
