@@ -200,8 +200,9 @@ def test_train_weights_with_masks_off_is_dense_pretraining(corpus, tmp_path, tp)
     start, save = tmp_path / "start", tmp_path / "run"
     _run([sys.executable, "-c", MAKE_CHECKPOINT, str(corpus / "model"), str(start), "ok"])
     # at TP=2 the Adam moments of row-parallel weights are sharded along the input axis
-    _run(_command(corpus, save, tp=tp, iters=3, extra=["--load", str(start), "--train-weights",
-                                                       "--dense", "--lr", "1e-3"]))
+    extra = ["--load", str(start), "--train-weights", "--dense", "--lr", "1e-3",
+             "--eval-interval", "3", "--eval-iters", "2"]
+    _run(_command(corpus, save, tp=tp, iters=3, extra=extra))
     before, after = _plain_tensors(start), _plain_tensors(save / "iter_0000003" / "model")
     weights = [k for k in before if k.endswith("linear_fc1.weight")]
     assert weights and not torch.equal(before[weights[0]], after[weights[0]])
@@ -209,3 +210,5 @@ def test_train_weights_with_masks_off_is_dense_pretraining(corpus, tmp_path, tp)
         assert torch.equal(before[key], after[key])  # masks off: logits untouched
     losses = [r["loss"] for r in _log(save)]
     assert losses[-1] < losses[0]
+    validation = [r["val_loss"] for r in _log(save) if "val_loss" in r]
+    assert len(validation) == 1 and 0 < validation[0] < 2 * losses[0]  # held-out split
