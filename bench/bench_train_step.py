@@ -83,11 +83,13 @@ def main() -> int:
         return statistics.median(times)
 
     dense, training = timed("dense"), timed("dense", train_weights=True)
-    learn = timed("learn")
     layers = [layer for _, layer in sparse_layers(model)]
     prunable = sum(layer.weight.numel() for layer in layers)
+    # the trainer's optimizer: its main_grad buffers make the sampler add the logits gradients
+    # in place (gradient-accumulation fusion), as in training
     opt = MaskAdamW([{"params": [layer.mask_logits for layer in layers],
                       "format": mask_state_format()}])
+    learn = timed("learn")
     state_bytes = sum(opt.state_bytes().values())
     result = dict(tokens=args.batch * args.seq, frozen_dense_s=dense, dense_training_s=training,
                   mask_learning_s=learn, ratio_vs_frozen=learn / dense,

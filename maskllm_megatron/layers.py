@@ -4,7 +4,9 @@ Each layer keeps megatron's frozen weight shard where megatron keeps it (so dens
 load unchanged) and adds one parameter, ``mask_logits`` ``[out_local, in_local // M, C]`` fp32,
 sharded like the weight (column: axis 0, row: axis 1). The forward pass masks the weight and
 hands it to megatron's own ``_forward_impl`` (async all-reduce, sequence parallel and the frozen
-weight path all unchanged).
+weight path all unchanged). When the optimizer gives the logits a ``main_grad`` buffer, the
+sampler's backward adds their gradient straight into it (megatron's gradient-accumulation
+fusion, applied to the logits): no logits-sized ``.grad`` is allocated per micro-batch.
 
 Modes (:data:`MODES`):
 
@@ -48,6 +50,9 @@ class MaskSettings:
     mode: str = "learn"
     hard_sampling: bool = False  # straight-through Gumbel instead of the soft mask
     backend: str = "auto"
+    # megatron's gradient-accumulation fusion for the logits: when the optimizer gave them a
+    # ``main_grad`` buffer, the sampler's backward adds into it (no logits-sized .grad)
+    fuse_grad_accumulation: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -143,12 +148,16 @@ class _SparseLinear:
         s = self.sampling
         key = NoiseKey(seed=s.seed, layer=self.layer_id, iteration=s.iteration,
                        microbatch=s.microbatch, dp_rank=s.dp_rank)
+        main_grad = getattr(self.mask_logits, "main_grad", None)
+        if not self.mask_settings.fuse_grad_accumulation:
+            main_grad = None
         outs, regs = [], []
         for start, stop, shard in self._row_segments():
             out, reg = sample_masked_weight(
                 weight[start:stop], self.mask_logits[start:stop], pattern, tau=s.tau,
                 kappa=s.kappa, key=key, shard=shard, hard=self.mask_settings.hard_sampling,
-                backend=self.mask_settings.backend)
+                backend=self.mask_settings.backend,
+                main_grad=None if main_grad is None else main_grad[start:stop])
             outs.append(out)
             regs.append(reg)
         self.mask_reg = sum(regs)

@@ -129,7 +129,10 @@ class MaskAdamW(torch.optim.Optimizer):
 
 
 def _into_main_grad(param: torch.Tensor) -> None:
-    param.main_grad.add_(param.grad)
+    # None when the sparse layers' sampler already added this gradient into main_grad
+    # (gradient-accumulation fusion): autograd still runs the parameter's accumulator
+    if param.grad is not None:
+        param.main_grad.add_(param.grad)
     param.grad = None
 
 

@@ -130,3 +130,68 @@ def case_bad_layout():
 def test_a_layout_that_does_not_divide_the_world_is_refused(dist4):
     for message in dist4.run(case_bad_layout):
         assert message and "(3)" in message and "world size (4)" in message
+
+
+def case_fused_grad_accumulation_glu_tp2():
+    """A gated fc1 (two row segments per shard) and fc2 over two micro-batches: logits gradients
+    added inside the sampler equal ``main_grad.add_(grad)`` after each micro-batch, bit for bit."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+
+    from maskllm_megatron.layers import (
+        MaskSettings,
+        SamplingState,
+        SparseColumnParallelLinear,
+        SparseRowParallelLinear,
+    )
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
+                            gated_linear_unit=True, tensor_model_parallel_size=tp,
+                            use_cpu_initialization=True, params_dtype=torch.float32)
+    init = lambda w: torch.nn.init.normal_(w, std=0.5)  # noqa: E731
+
+    def build(fuse):
+        torch.manual_seed(0)
+        settings = MaskSettings(pattern=NMPattern(2, 4), fuse_grad_accumulation=fuse)
+        fc1 = SparseColumnParallelLinear(32, 2 * 48, config=cfg, init_method=init, bias=False,
+                                         gather_output=False, tp_comm_buffer_name="fc1",
+                                         mask_settings=settings)
+        fc2 = SparseRowParallelLinear(48, 32, config=cfg, init_method=init, bias=False,
+                                      input_is_parallel=True, skip_bias_add=False,
+                                      tp_comm_buffer_name="fc2", mask_settings=settings)
+        state = SamplingState(seed=3, iteration=5, tau=2.0, kappa=60.0)
+        for layer_id, layer in ((10, fc1), (11, fc2)):
+            layer.layer_id, layer.sampling = layer_id, state
+            layer.init_mask_logits(seed=state.seed, std=0.05)
+            layer.mask_logits.main_grad = torch.full_like(layer.mask_logits, 0.25,
+                                                          dtype=torch.bfloat16)
+        return fc1, fc2, state
+
+    results = []
+    for fuse in (True, False):
+        fc1, fc2, state = build(fuse)
+        assert fc1._glu and len(fc1._row_segments()) == 2
+        gen = torch.Generator().manual_seed(1)
+        for microbatch in range(2):
+            state.microbatch = microbatch
+            x = torch.randn(6, 2, 32, generator=gen)
+            h, _ = fc1(x)
+            gate, up = h.chunk(2, dim=-1)
+            y, _ = fc2(F.silu(gate) * up)
+            ((y * torch.randn(y.shape, generator=gen)).sum() + 0.2 * (fc1.mask_reg + fc2.mask_reg)
+             ).backward()
+            for layer in (fc1, fc2):
+                if fuse:
+                    assert layer.mask_logits.grad is None
+                else:  # what MaskAdamW's post-accumulate hook does
+                    layer.mask_logits.main_grad.add_(layer.mask_logits.grad)
+                    layer.mask_logits.grad = None
+        results.append([layer.mask_logits.main_grad.clone() for layer in (fc1, fc2)])
+    for fused, added in zip(*results, strict=True):
+        assert fused.abs().sum() > 0 and torch.equal(fused, added)
+    return rank
+
+
+def test_fused_logits_grad_accumulation_equals_adding_the_gradient_at_tp2(dist4):
+    assert sorted(dist4.run(case_fused_grad_accumulation_glu_tp2, tp=2)) == [0, 0, 1, 1]

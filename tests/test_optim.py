@@ -100,6 +100,28 @@ def test_gradients_accumulate_into_main_grad_only():
     assert not param.main_grad.any()
 
 
+def test_the_samplers_fused_accumulation_and_the_hook_give_the_same_main_grad():
+    """The sparse layers hand the sampler ``main_grad`` slices; autograd then still runs the
+    parameter's accumulator (hook) without a gradient, which must add nothing."""
+    from maskllm_megatron.sampling import sample_masked_weight
+
+    weight = torch.randn(8, 16)
+    start = torch.randn(8, 4, 6) * 0.05
+    results = []
+    for fuse in (True, False):
+        param = torch.nn.Parameter(start.clone())
+        MaskAdamW([{"params": [param], "format": mask_state_format()}])  # bf16 main_grad
+        for key in (1, 2):  # two micro-batches; two row segments like a gated fc1
+            outs = [sample_masked_weight(weight[a:b], param[a:b], "2:4", tau=2.0, kappa=50.0,
+                                         key=key, main_grad=param.main_grad[a:b] if fuse
+                                         else None)[0] for a, b in ((0, 4), (4, 8))]
+            (torch.cat(outs) * torch.linspace(-1, 1, weight.numel()).reshape(8, 16)).sum(
+                ).backward()
+            assert param.grad is None
+        results.append(param.main_grad.clone())
+    assert results[0].abs().sum() > 0 and torch.equal(results[0], results[1])
+
+
 @pytest.mark.parametrize("flags,expected", [
     ((), 15.0),  # the default: fp32 logits, bf16 gradients and moments
     (("bf16", "bf16", "fp32", "group"), 13.0),

@@ -250,6 +250,64 @@ def test_bad_input_is_rejected_with_clear_errors():
         sample_masked_weight(weight, logits, pattern, tau=1, kappa=1, key=0, backend="cuda")
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_backward_accumulates_into_main_grad_like_adding_the_returned_gradient(backend, dtype):
+    """Gradient-accumulation fusion: two micro-batches added into a pre-filled buffer equal
+    ``main_grad.add_(logits.grad)`` after each, and (fp32) the float64 reference gradients."""
+    pattern = NMPattern(2, 4)
+    weight, logits = random_case(pattern, rows=20, groups=30, seed=21, logit_std=0.03)
+    start = (torch.randn(logits.shape, generator=torch.Generator().manual_seed(22)) * 1e-2)
+    start = start.to(dtype)
+    keys = [NoiseKey(seed=4, microbatch=k).philox_key() for k in range(2)]
+    kw = dict(tau=2.0, kappa=80.0)
+
+    fused = start.clone()
+    param = logits.clone().requires_grad_(True)
+    for key in keys:
+        out, reg = sample_masked_weight(weight, param, pattern, key=key, backend=backend,
+                                        main_grad=fused, **kw)
+        probe = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+        ((out.double() * probe).sum() + 0.7 * reg.double()).backward()  # run()'s loss
+    assert param.grad is None  # nothing logits-sized was returned
+
+    added = start.clone()
+    reference_sum = torch.zeros(logits.shape, dtype=torch.float64)
+    magnitude = start.double().abs()  # what each rounding is relative to
+    for key in keys:
+        _, _, dl, _ = run(backend, weight, logits, pattern, key=key, **kw)
+        added.add_(dl)
+        magnitude += dl.double().abs()
+        l_ref = logits.double().requires_grad_()
+        o_ref, r_ref = reference(weight.double(), l_ref, pattern, key=key, **kw)
+        probe = torch.linspace(-1, 1, o_ref.numel(), dtype=torch.float64).reshape(o_ref.shape)
+        ((o_ref * probe).sum() + 0.7 * r_ref).backward()
+        reference_sum += l_ref.grad
+    if backend == "triton" and dtype != torch.float32:
+        # the interpreter's fp32 -> half cast truncates where torch rounds: an ulp per addition
+        ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+        assert ((fused.double() - added.double()).abs() <= 2 * ulp * magnitude).all()
+    else:
+        assert torch.equal(fused, added)
+    if dtype == torch.float32:
+        scale = reference_sum.abs().max().item()
+        torch.testing.assert_close((fused.double() - start.double()), reference_sum, rtol=1e-4,
+                                   atol=1e-5 * scale)
+
+
+def test_main_grad_must_fit_the_logits():
+    pattern = NMPattern(2, 4)
+    weight, logits = random_case(pattern)
+    logits.requires_grad_(True)
+    for bad in (torch.zeros(12, 10, 5), torch.zeros(12, 20, 6)[:, ::2],
+                torch.zeros(12, 10, 6, dtype=torch.int32)):
+        with pytest.raises(ValueError, match=r"shaped like the logits \[12, 10, 6\]"):
+            sample_masked_weight(weight, logits, pattern, tau=1, kappa=1, key=0, main_grad=bad)
+    with pytest.raises(RuntimeError, match="not float64"):
+        sample_masked_weight(weight, logits, pattern, tau=1, kappa=1, key=0, backend="cpu",
+                             main_grad=torch.zeros(12, 10, 6, dtype=torch.float64))
+
 def test_auto_backend_on_cpu_is_the_fused_kernel():
     pattern = NMPattern(2, 4)
     weight, logits = random_case(pattern)

@@ -67,14 +67,17 @@ _IMPLEMENTATIONS = {"triton": triton_kernel, "cpu": cpu_kernel, "torch": torch_p
 
 
 class _GumbelMask(torch.autograd.Function):
-    """Saves only references to the inputs (no new memory); backward recomputes from the key."""
+    """Saves only references to the inputs (no new memory); backward recomputes from the key.
+
+    With a ``main_grad`` buffer, backward adds the logits gradient into it and returns none
+    (megatron's gradient-accumulation fusion): no logits-sized gradient is ever allocated."""
 
     @staticmethod
-    def forward(ctx, logits, weight, spec, backend):
+    def forward(ctx, logits, weight, spec, backend, main_grad):
         impl = _IMPLEMENTATIONS[backend]
         out, reg = impl.forward(weight, logits, spec)
         ctx.save_for_backward(logits, weight)
-        ctx.spec, ctx.impl = spec, impl
+        ctx.spec, ctx.impl, ctx.main_grad = spec, impl, main_grad
         return out, reg
 
     @staticmethod
@@ -83,9 +86,12 @@ class _GumbelMask(torch.autograd.Function):
         need_logits, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_out is None:
             grad_out = torch.zeros_like(weight)
+        into = ctx.main_grad if need_logits else None
+        if not need_logits and not need_weight:
+            return None, None, None, None, None
         grad_logits, grad_weight = ctx.impl.backward(grad_out, grad_reg, weight, logits,
-                                                     ctx.spec, need_weight)
-        return (grad_logits if need_logits else None), grad_weight, None, None
+                                                     ctx.spec, need_weight, into=into)
+        return (grad_logits if need_logits else None), grad_weight, None, None, None
 
 
 def sample_masked_weight(
@@ -99,11 +105,15 @@ def sample_masked_weight(
     shard: ShardGroups | None = None,
     hard: bool = False,
     backend: str = "auto",
+    main_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample a mask and apply it: returns ``(W * mask, sum((W * mask)**2))``.
 
     ``weight`` ``[out, in]`` (frozen unless it requires grad), ``logits`` ``[out, in // M, C]``;
     ``shard`` places a tensor-parallel shard in the unsharded layer; ``key`` selects the noise.
+    ``main_grad``: a contiguous buffer shaped like the logits (fp32, bf16 or fp16) that backward
+    adds the logits gradient to, in the same pass, instead of returning it; the result equals
+    ``main_grad.add_(grad)`` bit for bit and ``logits.grad`` stays ``None``.
     """
     pattern = as_pattern(pattern)
     if weight.dim() != 2:
@@ -114,8 +124,24 @@ def sample_masked_weight(
     philox_key = key.philox_key() if isinstance(key, NoiseKey) else int(key)
     resolved = (shard or ShardGroups()).resolve(weight.shape[0], logits.shape[1])
     spec = SampleSpec(pattern, float(tau), float(kappa), philox_key, resolved, bool(hard))
+    if main_grad is not None:
+        if (main_grad.shape != logits.shape or main_grad.device != logits.device
+                or main_grad.dtype not in (torch.float32, torch.bfloat16, torch.float16,
+                                           torch.float64) or not main_grad.is_contiguous()):
+            raise ValueError(
+                f"main_grad must be a contiguous float buffer shaped like the logits "
+                f"{list(logits.shape)} on {logits.device}; got {main_grad.dtype} "
+                f"{list(main_grad.shape)} on {main_grad.device} "
+                f"(contiguous={main_grad.is_contiguous()})")
+        if main_grad.requires_grad:
+            raise ValueError("main_grad is a gradient buffer and must not require grad")
     chosen = select_backend(weight, logits, pattern, backend)
-    return _GumbelMask.apply(logits, weight, spec, chosen)
+    if chosen == "cpu" and main_grad is not None and main_grad.dtype == torch.float64:
+        if backend == "cpu":
+            raise RuntimeError("the C++ sampler accumulates into fp32/bf16/fp16 buffers, "
+                               "not float64")
+        chosen = "torch"
+    return _GumbelMask.apply(logits, weight, spec, chosen, main_grad)
 
 
 def hard_masked_weight(weight: torch.Tensor, logits: torch.Tensor,

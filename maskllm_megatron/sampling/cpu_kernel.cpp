@@ -4,7 +4,8 @@
 //
 // Forward:  y = softmax((kappa * logits + g) / tau)   (hard: one-hot of argmax, straight-through)
 //           mask = y @ candidates, out = W * mask, reg_tiles[t] = sum over tile t of (W * mask)^2
-// Backward: recomputes y from the same keys; writes d(logits) and optionally d(W).
+// Backward: recomputes y from the same keys; writes d(logits) (or adds it to a gradient buffer
+//           of any float dtype: megatron's gradient-accumulation fusion) and optionally d(W).
 #include <cmath>
 #include <cstdint>
 
@@ -172,9 +173,36 @@ void forward(const Params& p, const T* w, const float* logits, T* out, double* r
   }
 }
 
+// d(logits) of one tile into the destination: written, or added with one rounding to the
+// destination's dtype exactly like torch's ``dst.add_(fp32 gradient)``. Out of line so that the
+// compiler cannot contract the addition with the product that made ``values`` (FMA).
+__attribute__((noinline)) void store_logit_grads(void* dst, int dtype, int accumulate,
+                                                 int64_t offset, const float* values, int count) {
+  switch (dtype) {
+    case 0: {
+      float* d = static_cast<float*>(dst) + offset;
+      for (int i = 0; i < count; ++i) d[i] = accumulate ? d[i] + values[i] : values[i];
+      return;
+    }
+    case 1: {
+      BF16* d = static_cast<BF16*>(dst) + offset;
+      for (int i = 0; i < count; ++i)
+        d[i] = from_float<BF16>(accumulate ? to_float(d[i]) + values[i] : values[i]);
+      return;
+    }
+    default: {
+      _Float16* d = static_cast<_Float16*>(dst) + offset;
+      for (int i = 0; i < count; ++i)
+        d[i] = from_float<_Float16>(accumulate ? to_float(d[i]) + values[i] : values[i]);
+      return;
+    }
+  }
+}
+
 template <typename T>
 void backward(const Params& p, const T* grad_out, const T* w, const float* logits,
-              float grad_reg, float* grad_logits, T* grad_w, int nthreads) {
+              float grad_reg, void* grad_logits, int grad_dtype, int accumulate, T* grad_w,
+              int nthreads) {
   const float scale = p.kappa / p.tau;
   const int64_t n_tiles = (p.rows * p.gpr + kTile - 1) / kTile;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -208,10 +236,10 @@ void backward(const Params& p, const T* grad_out, const T* w, const float* logit
 #pragma omp simd
       for (int i = 0; i < kTile; ++i) s[i] += y[c][i] * dyc[i];
     }
-    for (int i = 0; i < nt; ++i) {
-      float* dl = grad_logits + (g0 + i) * p.C;
-      for (int c = 0; c < p.C; ++c) dl[c] = scale * y[c][i] * (dy[c][i] - s[i]);
-    }
+    float dl[kTile * kMaxC];
+    for (int i = 0; i < nt; ++i)
+      for (int c = 0; c < p.C; ++c) dl[i * p.C + c] = scale * y[c][i] * (dy[c][i] - s[i]);
+    store_logit_grads(grad_logits, grad_dtype, accumulate, g0 * p.C, dl, nt * p.C);
   }
 }
 
@@ -248,14 +276,16 @@ int maskllm_gumbel_backward(const void* grad_out, const void* w, int dtype, cons
                             const int64_t* positions, int64_t rows, int64_t gpr, int C, int N,
                             int M, int64_t row_offset, int64_t gcol_offset, int64_t groups_per_row,
                             uint64_t key, float kappa, float tau, int hard, float grad_reg,
-                            float* grad_logits, void* grad_w, int nthreads) {
+                            void* grad_logits, int grad_dtype, int accumulate, void* grad_w,
+                            int nthreads) {
   if (C > kMaxC || M > kMaxM) return 1;
+  if (grad_dtype < 0 || grad_dtype > 2) return 2;
   const Params p = make_params(rows, gpr, C, N, M, row_offset, gcol_offset, groups_per_row, key,
                                kappa, tau, hard, positions);
   switch (dtype) {
-    case 0: backward(p, static_cast<const float*>(grad_out), static_cast<const float*>(w), logits, grad_reg, grad_logits, static_cast<float*>(grad_w), nthreads); return 0;
-    case 1: backward(p, static_cast<const BF16*>(grad_out), static_cast<const BF16*>(w), logits, grad_reg, grad_logits, static_cast<BF16*>(grad_w), nthreads); return 0;
-    case 2: backward(p, static_cast<const _Float16*>(grad_out), static_cast<const _Float16*>(w), logits, grad_reg, grad_logits, static_cast<_Float16*>(grad_w), nthreads); return 0;
+    case 0: backward(p, static_cast<const float*>(grad_out), static_cast<const float*>(w), logits, grad_reg, grad_logits, grad_dtype, accumulate, static_cast<float*>(grad_w), nthreads); return 0;
+    case 1: backward(p, static_cast<const BF16*>(grad_out), static_cast<const BF16*>(w), logits, grad_reg, grad_logits, grad_dtype, accumulate, static_cast<BF16*>(grad_w), nthreads); return 0;
+    case 2: backward(p, static_cast<const _Float16*>(grad_out), static_cast<const _Float16*>(w), logits, grad_reg, grad_logits, grad_dtype, accumulate, static_cast<_Float16*>(grad_w), nthreads); return 0;
     default: return 2;
   }
 }

@@ -82,7 +82,7 @@ def load() -> ctypes.CDLL | None:
     common = [_i64, _i64, _int, _int, _int, _i64, _i64, _i64, _u64, _f32, _f32, _int]
     lib.maskllm_gumbel_forward.argtypes = [_ptr, _int, _ptr, _ptr, *common, _ptr, _ptr, _int]
     lib.maskllm_gumbel_backward.argtypes = [_ptr, _ptr, _int, _ptr, _ptr, *common, _f32, _ptr,
-                                            _ptr, _int]
+                                            _int, _int, _ptr, _int]
     lib.maskllm_gumbel_forward.restype = _int
     lib.maskllm_gumbel_backward.restype = _int
     lib.maskllm_limits.restype = _int
@@ -129,17 +129,22 @@ def forward(weight: torch.Tensor, logits: torch.Tensor, spec) -> tuple[torch.Ten
     return out, reg_tiles.sum().to(torch.float32)
 
 
-def backward(grad_out, grad_reg, weight, logits, spec, need_weight_grad: bool):
+def backward(grad_out, grad_reg, weight, logits, spec, need_weight_grad: bool, into=None):
+    """``(d logits, d weight or None)``; with ``into`` the logits gradient is added to that
+    buffer (fp32, bf16 or fp16, contiguous) in the same pass and ``None`` is returned for it."""
     weight, logits = weight.contiguous(), logits.contiguous()
     grad_out = grad_out.to(weight.dtype).contiguous()
     grad_reg = 0.0 if grad_reg is None else float(grad_reg)  # a CPU scalar: no device sync
-    grad_logits = torch.empty_like(logits)
+    target = torch.empty_like(logits) if into is None else into
+    if target.dtype not in DTYPE_CODES or not target.is_contiguous():
+        raise ValueError(f"the C++ sampler accumulates into contiguous fp32/bf16/fp16 buffers, "
+                         f"got {target.dtype} (contiguous={target.is_contiguous()})")
     grad_weight = torch.empty_like(weight) if need_weight_grad else None
     args, _keep = _common_args(weight, logits, spec)
     status = load().maskllm_gumbel_backward(
         grad_out.data_ptr(), weight.data_ptr(), DTYPE_CODES[weight.dtype], logits.data_ptr(),
-        *args, float(grad_reg), grad_logits.data_ptr(),
+        *args, float(grad_reg), target.data_ptr(), DTYPE_CODES[target.dtype], int(into is not None),
         grad_weight.data_ptr() if grad_weight is not None else None, torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"maskllm CPU kernel rejected the call (status {status})")
-    return grad_logits, grad_weight
+    return (None if into is not None else target), grad_weight

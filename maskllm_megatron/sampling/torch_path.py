@@ -59,13 +59,16 @@ def forward(weight: torch.Tensor, logits: torch.Tensor, spec):
     return out, reg.to(dtype if dtype == torch.float64 else torch.float32)
 
 
-def backward(grad_out, grad_reg, weight, logits, spec, need_weight_grad: bool):
-    """``(d logits, d weight or None)`` given ``d(W * mask)`` and ``d reg`` (scalar or None)."""
+def backward(grad_out, grad_reg, weight, logits, spec, need_weight_grad: bool, into=None):
+    """``(d logits, d weight or None)`` given ``d(W * mask)`` and ``d reg`` (scalar or None).
+
+    With ``into`` (a buffer shaped like the logits) the logits gradient is added to it chunk by
+    chunk instead, and ``None`` is returned for it."""
     dtype = _compute_dtype(logits)
     candidates = spec.pattern.candidates(dtype, weight.device)
     scale = spec.kappa / spec.tau
     greg = 0.0 if grad_reg is None else grad_reg.to(dtype)
-    grad_logits = torch.empty_like(logits)
+    grad_logits = torch.empty_like(logits) if into is None else None
     grad_weight = torch.empty_like(weight) if need_weight_grad else None
     for start, stop in _row_chunks(weight.shape[0], logits.shape[1]):
         y, idx = soft_index(logits, spec, start, stop)
@@ -78,5 +81,9 @@ def backward(grad_out, grad_reg, weight, logits, spec, need_weight_grad: bool):
             grad_weight[start:stop] = d_w.reshape(stop - start, -1).to(weight.dtype)
         d_y = (d_mask.unsqueeze(-2) * candidates).sum(-1)  # [rows, G, C]
         d_z = y * (d_y - (y * d_y).sum(-1, keepdim=True))
-        grad_logits[start:stop] = (scale * d_z).to(logits.dtype)
+        d_logits = (scale * d_z).to(logits.dtype)
+        if into is None:
+            grad_logits[start:stop] = d_logits
+        else:
+            into[start:stop].add_(d_logits)
     return grad_logits, grad_weight

@@ -5,8 +5,8 @@ One program handles ``BLOCK`` consecutive groups of a weight shard:
 * forward reads the logits ``[BLOCK, C]`` and the frozen weight ``[BLOCK, M]``, draws the noise
   with ``tl.philox`` (counter layout in ``noise.py``), and writes ``W * mask`` plus one partial
   sum of ``(W * mask)**2`` per program. Nothing is saved for backward but the key.
-* backward recomputes the soft index from the same key and writes ``d logits`` (and ``d W``
-  when asked) in one pass.
+* backward recomputes the soft index from the same key and writes ``d logits`` (or adds it to
+  the optimizer's ``main_grad`` buffer) and ``d W`` when asked, in one pass.
 
 Bytes moved per call are what the weight, logits and outputs occupy; see ``bench/`` for the
 floor this implies on an H100.
@@ -120,7 +120,8 @@ if triton is not None:
                          grad_logits_ptr, grad_w_ptr, n_groups, gpr, row_offset, gcol_offset,
                          groups_per_row, key, kappa, tau, C: tl.constexpr, M: tl.constexpr,
                          CP: tl.constexpr, MP: tl.constexpr, NB: tl.constexpr,
-                         HARD: tl.constexpr, WGRAD: tl.constexpr, BLOCK: tl.constexpr):
+                         HARD: tl.constexpr, WGRAD: tl.constexpr, ACCUMULATE: tl.constexpr,
+                         BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         g = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         gmask = g < n_groups
@@ -141,8 +142,13 @@ if triton is not None:
         d_y = tl.sum(d_mask[:, None, :] * cand[None, :, :], axis=2)
         d_z = y * (d_y - tl.sum(y * d_y, axis=1)[:, None])
         cols = tl.arange(0, CP)
-        tl.store(grad_logits_ptr + g[:, None] * C + cols[None, :], (kappa / tau) * d_z,
-                 mask=gmask[:, None] & (cols[None, :] < C))
+        gl_offs = g[:, None] * C + cols[None, :]
+        gl_mask = gmask[:, None] & (cols[None, :] < C)
+        d_logits = (kappa / tau) * d_z
+        if ACCUMULATE:  # megatron's gradient-accumulation fusion: add into main_grad
+            d_logits += tl.load(grad_logits_ptr + gl_offs, mask=gl_mask, other=0.0).to(tl.float32)
+        tl.store(grad_logits_ptr + gl_offs, d_logits.to(grad_logits_ptr.dtype.element_ty),
+                 mask=gl_mask)
 
 
 def _launch_meta(weight, spec):
@@ -169,17 +175,21 @@ def forward(weight: torch.Tensor, logits: torch.Tensor, spec):
     return out, partials.double().sum().float()
 
 
-def backward(grad_out, grad_reg, weight, logits, spec, need_weight_grad: bool):
+def backward(grad_out, grad_reg, weight, logits, spec, need_weight_grad: bool, into=None):
+    """``(d logits, d weight or None)``; with ``into`` the logits gradient is added to that
+    contiguous buffer (any float dtype) in the same pass and ``None`` is returned for it."""
     weight, logits = weight.contiguous(), logits.contiguous().float()
     grad_out = grad_out.to(weight.dtype).contiguous()
     grid, meta, scalars = _launch_meta(weight, spec)
-    grad_logits = torch.empty_like(logits)
+    if into is not None and not into.is_contiguous():
+        raise ValueError("the Triton sampler accumulates into contiguous buffers only")
+    target = torch.empty_like(logits) if into is None else into
     grad_weight = torch.empty_like(weight) if need_weight_grad else None
     if grad_reg is None:
         grad_reg = torch.zeros((), dtype=torch.float32, device=weight.device)
     grad_reg = grad_reg.reshape(1).float()
     cand = spec.pattern.candidates(torch.float32, weight.device)
-    _backward_kernel[grid](grad_out, weight, logits, cand, grad_reg, grad_logits,
-                           grad_weight if grad_weight is not None else grad_logits, *scalars,
-                           WGRAD=need_weight_grad, **meta)
-    return grad_logits, grad_weight
+    _backward_kernel[grid](grad_out, weight, logits, cand, grad_reg, target,
+                           grad_weight if grad_weight is not None else target, *scalars,
+                           WGRAD=need_weight_grad, ACCUMULATE=into is not None, **meta)
+    return (None if into is not None else target), grad_weight
