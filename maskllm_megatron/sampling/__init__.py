@@ -86,9 +86,9 @@ class _GumbelMask(torch.autograd.Function):
         need_logits, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_out is None:
             grad_out = torch.zeros_like(weight)
-        into = ctx.main_grad if need_logits else None
         if not need_logits and not need_weight:
             return None, None, None, None, None
+        into = ctx.main_grad if need_logits else None
         grad_logits, grad_weight = ctx.impl.backward(grad_out, grad_reg, weight, logits,
                                                      ctx.spec, need_weight, into=into)
         return (grad_logits if need_logits else None), grad_weight, None, None, None

@@ -143,8 +143,9 @@ def backward(grad_out, grad_reg, weight, logits, spec, need_weight_grad: bool, i
     args, _keep = _common_args(weight, logits, spec)
     status = load().maskllm_gumbel_backward(
         grad_out.data_ptr(), weight.data_ptr(), DTYPE_CODES[weight.dtype], logits.data_ptr(),
-        *args, float(grad_reg), target.data_ptr(), DTYPE_CODES[target.dtype], int(into is not None),
-        grad_weight.data_ptr() if grad_weight is not None else None, torch.get_num_threads())
+        *args, float(grad_reg), target.data_ptr(), DTYPE_CODES[target.dtype],
+        int(into is not None), grad_weight.data_ptr() if grad_weight is not None else None,
+        torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"maskllm CPU kernel rejected the call (status {status})")
     return (None if into is not None else target), grad_weight
