@@ -125,9 +125,11 @@ def sample_masked_weight(
     resolved = (shard or ShardGroups()).resolve(weight.shape[0], logits.shape[1])
     spec = SampleSpec(pattern, float(tau), float(kappa), philox_key, resolved, bool(hard))
     if main_grad is not None:
+        # float64 buffers only for float64 logits (the reference path); kernels write the rest
+        dtypes = (torch.float32, torch.bfloat16, torch.float16) + (
+            (torch.float64,) if logits.dtype == torch.float64 else ())
         if (main_grad.shape != logits.shape or main_grad.device != logits.device
-                or main_grad.dtype not in (torch.float32, torch.bfloat16, torch.float16,
-                                           torch.float64) or not main_grad.is_contiguous()):
+                or main_grad.dtype not in dtypes or not main_grad.is_contiguous()):
             raise ValueError(
                 f"main_grad must be a contiguous float buffer shaped like the logits "
                 f"{list(logits.shape)} on {logits.device}; got {main_grad.dtype} "
@@ -136,11 +138,6 @@ def sample_masked_weight(
         if main_grad.requires_grad:
             raise ValueError("main_grad is a gradient buffer and must not require grad")
     chosen = select_backend(weight, logits, pattern, backend)
-    if chosen == "cpu" and main_grad is not None and main_grad.dtype == torch.float64:
-        if backend == "cpu":
-            raise RuntimeError("the C++ sampler accumulates into fp32/bf16/fp16 buffers, "
-                               "not float64")
-        chosen = "torch"
     return _GumbelMask.apply(logits, weight, spec, chosen, main_grad)
 
 
