@@ -35,6 +35,13 @@ def _walk(tree):
         yield tree
 
 
+def parameter_entries(model) -> dict[int, object]:
+    """``id(parameter)`` -> its entry (ShardedTensor or factory) in the model's sharded state
+    dict: where an optimizer moment of that parameter goes in a checkpoint."""
+    return {id(item.data): item for item in _walk(model.sharded_state_dict())
+            if isinstance(getattr(item, "data", None), torch.nn.Parameter)}
+
+
 def mask_tensor_shapes(sharded_state_dict) -> dict[str, tuple[int, ...]]:
     """Global shape of every mask tensor in a sharded state dict."""
     shapes = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 
@@ -54,11 +55,22 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_device(device: str | None):
+    """The CPU shims around a run whose ranks compute on the CPU; nothing on a GPU."""
+    from . import runtime
+    from .cpu_shims import cpu_shims
+
+    chosen = runtime.select_device(device or "auto")
+    return cpu_shims() if chosen.type == "cpu" else contextlib.nullcontext()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainingError, args_from_namespace, train
 
     try:
-        metrics = train(args_from_namespace(args))
+        train_args = args_from_namespace(args)
+        with _on_device(train_args.device):
+            metrics = train(train_args)
     except TrainingError as err:
         print(f"maskllm train: {err}", file=sys.stderr)
         return 1
@@ -73,11 +85,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run_distributed(fn, args: argparse.Namespace, name: str) -> int:
-    """Run a distributed command; a bad input is one clear line on stderr, exit code 1."""
+    """Run a distributed command on its device (conversion and export: the CPU); a bad input
+    is one clear line on stderr, exit code 1."""
     from . import runtime
 
     try:
-        fn(args)
+        with _on_device(getattr(args, "device", "cpu")):
+            fn(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"maskllm {name}: {err}", file=sys.stderr)
         return 1
@@ -177,6 +191,22 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--M", type=int, default=4)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    _add_device_arguments(p)
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="split activations along the sequence over TP ranks")
+    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
+                   help="norms and attention around the sparse linears (default: Transformer "
+                        "Engine on a GPU where it imports, else local)")
+
+
+def _add_device_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: cuda:LOCAL_RANK when CUDA is present, else the CPU")
+    dtype = p.add_mutually_exclusive_group()
+    for name in ("bf16", "fp16", "fp32"):
+        dtype.add_argument(f"--{name}", action="store_true",
+                           help=f"frozen weights in {name} (default: bf16 on a GPU, fp32 on "
+                                "the CPU)" if name == "bf16" else f"frozen weights in {name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     dem.add_argument("--pretrain-iters", type=int)
     dem.add_argument("--mask-iters", type=int)
     dem.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    dem.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                     help="auto: cuda:LOCAL_RANK when CUDA is present, else the CPU")
     dem.set_defaults(func=_cmd_demo)
     return parser
 

@@ -420,7 +420,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
     cfg = model_config_from_hf(hf, tp, divisible_by)
     check_parallel(cfg.transformer, tp, pp)
     reader = _HFReader(hf_dir)
-    runtime.init_distributed(1, 1)
+    runtime.init_distributed(1, 1, device="cpu")
     model = _build_dense_model(cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     written: set[str] = set()
@@ -480,7 +480,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
         hf = hf_config_from_model_config(ModelConfig.load(config_dir))
     cfg = ModelConfig.load(config_dir)
     if _state is None:
-        runtime.init_distributed(1, 1)
+        runtime.init_distributed(1, 1, device="cpu")
         model = _build_dense_model(cfg)
         load_model(model, source, missing_masks="keep")
         state = model.state_dict()

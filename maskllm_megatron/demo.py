@@ -155,13 +155,16 @@ class _Steps:
 def _model_args(**kw) -> argparse.Namespace:
     defaults = dict(model_config=None, tokenizer=None, tensor_model_parallel_size=1,
                     pipeline_model_parallel_size=1, seq_length=None, micro_batch_size=1, N=2,
-                    M=4, seed=1234, progress=False)
+                    M=4, seed=1234, progress=False, device="auto", bf16=False, fp16=False,
+                    fp32=False, sequence_parallel=False, transformer_impl=None)
     defaults.update(kw)
     return argparse.Namespace(**defaults)
 
 
-def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = True) -> dict:
-    """Run (or resume) the demo; returns the results table as a dict."""
+def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = True,
+             device: str = "auto") -> dict:
+    """Run (or resume) the demo on ``device`` (the same device for every step); returns the
+    results table as a dict."""
     from . import runtime
     from .data.preprocess import preprocess
     from .data.tokenizer import train_tokenizer
@@ -174,7 +177,7 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
 
     workdir = Path(workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
-    layout = runtime.init_distributed(tp, 1)
+    layout = runtime.init_distributed(tp, 1, device=device)
     steps = _Steps(workdir, layout.rank)
     corpus = workdir / "corpus"
     model_dir = workdir / "model"
@@ -197,7 +200,8 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
     steps.run("tokenizer", tokenize, everyone=False)
     common = dict(data_path=[data], split="98,2,0", tensor_model_parallel_size=tp,
                   micro_batch_size=size.micro_batch, global_batch_size=size.global_batch,
-                  seq_length=size.seq, seed=1234, progress=progress, log_interval=10)
+                  seq_length=size.seq, seed=1234, progress=progress, log_interval=10,
+                  device=device)
 
     def pretrain():
         metrics = train(TrainArgs(model_config=str(model_dir), save=str(workdir / "dense"),
@@ -205,7 +209,8 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
                                   min_lr=size.pretrain_lr / 10,
                                   lr_warmup_iters=max(1, size.pretrain_iters // 20),
                                   train_iters=size.pretrain_iters, weight_decay=0.01,
-                                  **common))
+                                  main_grads_dtype="fp32", exp_avg_dtype="fp32",
+                                  exp_avg_sq_dtype="fp32", **common))
         return {"final_loss": metrics.get("loss")}
 
     steps.run("pretrain", pretrain)
@@ -216,7 +221,7 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
         steps.run(f"prune-{name}", lambda m=method, u=update, n=name: run_prune(_model_args(
             method=m, load=dense, data_path=[data], calib_samples=size.calib_samples,
             seq_length=size.seq, update_weights=u, row_parallel_hessian="gather",
-            save=str(workdir / n), tensor_model_parallel_size=tp)))
+            save=str(workdir / n), tensor_model_parallel_size=tp, device=device)))
     runs = {"maskllm": None, "maskllm+sparsegpt-prior": str(workdir / "sparsegpt" / "masks")}
     for name, prior in runs.items():
         def learn(name=name, prior=prior):
@@ -232,7 +237,7 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
     for name, path in models.items():
         steps.run(f"ppl-{name}", lambda p=path: run_eval_ppl(_model_args(
             load=p, text=str(corpus / "heldout.txt"), masks="auto", seq_length=size.seq,
-            micro_batch_size=size.micro_batch, tensor_model_parallel_size=tp)))
+            micro_batch_size=size.micro_batch, tensor_model_parallel_size=tp, device=device)))
 
     best_run = min(runs, key=lambda n: steps.results[f"ppl-{n}"]["ppl"])
 
@@ -356,5 +361,5 @@ def main(args: argparse.Namespace) -> int:
         return subprocess.call(cmd)
     shakespeare_texts()  # a clear error before any work
     print(f"demo in {Path(args.workdir).expanduser()} with {asdict(size)}", flush=True)
-    run_demo(args.workdir, size, tp=args.tp, progress=args.progress)
+    run_demo(args.workdir, size, tp=args.tp, progress=args.progress, device=args.device)
     return 0

@@ -15,6 +15,15 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from tqdm import tqdm
+
+from . import runtime
+from .cpu_shims import cuda_literals
+from .data.datasets import batch_for
 
 MODES = ("auto", "dense")
 
@@ -23,16 +32,13 @@ def forward_passes(model, dataset, batches, seq_length: int, iterations: int = 1
                    dp_rank: int = 0) -> list[float]:
     """Forward-only over ``iterations`` global batches through megatron's schedule (any PP);
     returns the LM losses of the micro-batches on the last stage (empty elsewhere)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from .data.datasets import batch_for
-
-    losses: list[float] = []
+    device = runtime.device()
+    losses: list[torch.Tensor] = []
     for it in range(iterations):
         counter = iter(range(batches.num_microbatches))
 
         def forward_step(data_iterator, model, it=it, counter=counter):
-            batch = batch_for(dataset, batches, it, next(counter), dp_rank)
+            batch = batch_for(dataset, batches, it, next(counter), dp_rank, device)
             output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
             mask = batch["loss_mask"].float()
 
@@ -42,13 +48,13 @@ def forward_passes(model, dataset, batches, seq_length: int, iterations: int = 1
 
             return output, loss_func
 
-        with torch.no_grad():
+        with torch.no_grad(), cuda_literals():
             result = get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=None, model=[model],
                 num_microbatches=batches.num_microbatches, seq_length=seq_length,
                 micro_batch_size=batches.micro_batch_size, forward_only=True)
-        losses.extend(float(d["lm loss"]) for d in result or [])
-    return losses
+        losses.extend(d["lm loss"] for d in result or [])
+    return torch.stack(losses).tolist() if losses else []  # one host sync
 
 
 def windows(tokens: torch.Tensor, seq_length: int) -> list[torch.Tensor]:
@@ -59,45 +65,41 @@ def windows(tokens: torch.Tensor, seq_length: int) -> list[torch.Tensor]:
     return [w for w in out if len(w) >= 2]
 
 
-def _window_nll(model, batch: torch.Tensor, true_vocab: int | None) -> tuple[float, int]:
-    """Sum of NLL over the predicted tokens of a [b, L] batch of windows (last stage only).
+def _window_nll(model, batch: torch.Tensor, predicted: torch.Tensor,
+                true_vocab: int | None) -> torch.Tensor:
+    """Sum of NLL over the predicted positions (``predicted``, [b, L] 0/1) of a [b, L] batch of
+    windows; a float64 scalar on the device (zero off the last stage).
 
     Logits of padded vocabulary rows (``true_vocab`` and above) are excluded from the softmax:
     a converted model's padding rows are zero, and would otherwise take probability mass."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     b, length = batch.shape
     labels = torch.zeros_like(batch)
     labels[:, :-1] = batch[:, 1:]
-    mask = torch.ones(b, length)
-    mask[:, -1] = 0  # the last position would predict the next window's first token
-    positions = torch.arange(length).expand(b, length)
-    sums: list[torch.Tensor] = []
+    positions = torch.arange(length, device=batch.device).expand(b, length)
+    total = torch.zeros((), dtype=torch.float64, device=batch.device)
 
     def forward_step(data_iterator, model):
         output = model(batch, positions, None)  # [b, L, vocab / TP] on the last stage
 
         def loss_func(logits):
+            nonlocal total
             logits = logits.float()
             if true_vocab is not None:
                 width = logits.shape[-1]
                 start = ps.get_tensor_model_parallel_rank() * width
-                padded = torch.arange(start, start + width) >= true_vocab
+                padded = torch.arange(start, start + width, device=logits.device) >= true_vocab
                 logits = logits.masked_fill(padded, float("-inf"))
             nll = vocab_parallel_cross_entropy(logits, labels)
-            total = (nll.double() * mask).sum()
-            sums.append(total.detach())
+            total = (nll.double() * predicted).sum()
             return total.float(), {}
 
         return output, loss_func
 
-    with torch.no_grad():
+    with torch.no_grad(), cuda_literals():
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=None,
                                     model=[model], num_microbatches=1, seq_length=length,
                                     micro_batch_size=b, forward_only=True)
-    return float(sum(sums)) if sums else 0.0, int(mask.sum())
+    return total
 
 
 def perplexity(model, tokens: torch.Tensor, seq_length: int, micro_batch_size: int = 1,
@@ -105,13 +107,12 @@ def perplexity(model, tokens: torch.Tensor, seq_length: int, micro_batch_size: i
     """Mean NLL and perplexity of ``tokens`` under ``model`` (every rank calls this).
 
     Windows are dealt round-robin over data-parallel ranks; sums are reduced over DP and shared
-    along the pipeline, so every rank returns the same numbers.
+    along the pipeline, so every rank returns the same numbers. Under sequence parallelism the
+    short tail window is padded at its end to a multiple of the TP size; causal attention keeps
+    the padding out of every predicted token, and it is not counted.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from tqdm import tqdm
-
     model.eval()
+    device = runtime.device()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     all_windows = windows(tokens, seq_length)
     if not all_windows:
@@ -122,18 +123,27 @@ def perplexity(model, tokens: torch.Tensor, seq_length: int, micro_batch_size: i
                for i in range(0, len(full), micro_batch_size)]
     if tail and dp_rank == (len(all_windows) - 1) % dp:
         batches.append(tail[0].unsqueeze(0))
+    multiple = ps.get_tensor_model_parallel_world_size() if model.config.sequence_parallel else 1
     # DP ranks may run different numbers of passes: passes never communicate across DP
-    nll, count = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # nll, predicted tokens
     for batch in tqdm(batches, desc="perplexity", disable=not progress):
-        total, predicted = _window_nll(model, batch.long(), true_vocab_size)
-        nll += total
-        count += predicted
+        length = batch.shape[1]
+        predicted = torch.zeros(batch.shape, dtype=torch.float64)
+        predicted[:, :length - 1] = 1  # the last position would predict the next window
+        padded = -(-length // multiple) * multiple
+        if padded != length:
+            batch = torch.nn.functional.pad(batch, (0, padded - length))
+            predicted = torch.nn.functional.pad(predicted, (0, padded - length))
+        predicted = predicted.to(device, non_blocking=True)
+        sums[0] += _window_nll(model, batch.long().to(device, non_blocking=True), predicted,
+                               true_vocab_size)
+        sums[1] += predicted.sum()
     if not ps.is_pipeline_last_stage():
-        nll.zero_()  # losses exist on the last stage only
-    dist.all_reduce(nll, group=ps.get_pipeline_model_parallel_group())
-    dist.all_reduce(nll, group=ps.get_data_parallel_group())
-    dist.all_reduce(count, group=ps.get_data_parallel_group())
-    loss = float(nll) / float(count)
+        sums[0] = 0  # losses exist on the last stage only
+    dist.all_reduce(sums[:1], group=ps.get_pipeline_model_parallel_group())
+    dist.all_reduce(sums, group=ps.get_data_parallel_group())
+    nll, count = sums.tolist()
+    loss = nll / count
     return {"loss": loss, "ppl": math.exp(loss), "tokens": int(count),
             "windows": len(all_windows)}
 
@@ -160,28 +170,25 @@ def checkpoint_mask_mode(path: str | Path) -> str:
     return "dense"
 
 
-def load_sparse_model(path: str | Path, cfg, pattern, seed: int = 1234,
-                      masks: str = "auto"):
-    """Build the model at the current TP x PP and load ``path`` with its masks applied: the
-    argmax of learned logits (hard), fixed masks, or none. Returns (model, mode, pattern); the
-    pattern recorded in the checkpoint wins over ``pattern``."""
+def load_sparse_model(path: str | Path, cfg, pattern, seed: int = 1234, masks: str = "auto",
+                      params_dtype: torch.dtype | None = None, sequence_parallel: bool = False,
+                      transformer_impl: str | None = None):
+    """Build the model at the current TP x PP on this rank's device and load ``path`` with its
+    masks applied: the argmax of learned logits (hard), fixed masks, or none. Returns (model,
+    mode, pattern); the pattern recorded in the checkpoint wins over ``pattern``."""
     from .checkpoint import load_model, read_sidecar
     from .layers import MaskSettings, SamplingState, attach_sampling, set_mask_mode
     from .nm import NMPattern
-    from .runtime import current_layout
-    from .spec import build_gpt_model
+    from .spec import build_model
 
-    layout = current_layout()
+    layout = runtime.current_layout()
     stored = checkpoint_mask_mode(path)
     recorded = (read_sidecar(path) or {}).get("pattern")
     pattern = NMPattern.parse(recorded) if recorded else pattern
     build_mode = {"hard": "learn", "fixed": "fixed", "dense": "dense"}[stored]
-    model = build_gpt_model(
-        cfg.transformer_config(layout.tp, layout.pp), cfg.vocab_size, cfg.max_sequence_length,
-        MaskSettings(pattern=pattern, mode=build_mode),
-        position_embedding_type=cfg.position_embedding_type,
-        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-        rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent)
+    model = build_model(cfg, MaskSettings(pattern=pattern, mode=build_mode), tp=layout.tp,
+                        pp=layout.pp, device=layout.device, params_dtype=params_dtype,
+                        sequence_parallel=sequence_parallel, transformer_impl=transformer_impl)
     attach_sampling(model, SamplingState(seed=seed), init_logits=False)
     load_model(model, path, missing_masks="keep" if stored == "dense" else "error")
     model.eval()
@@ -194,7 +201,6 @@ def load_sparse_model(path: str | Path, cfg, pattern, seed: int = 1234,
 
 def run_eval_ppl(args) -> dict:
     """``maskllm eval-ppl``: load a dense, pruned or mask-learned checkpoint and report PPL."""
-    from . import runtime
     from .data.tokenizer import load_tokenizer
     from .model_config import ModelConfig
     from .nm import NMPattern
@@ -203,15 +209,18 @@ def run_eval_ppl(args) -> dict:
     if args.masks not in MODES:
         raise ValueError(f"--masks must be one of {', '.join(MODES)}")
     layout = runtime.init_distributed(args.tensor_model_parallel_size,
-                                      args.pipeline_model_parallel_size, args.seed)
+                                      args.pipeline_model_parallel_size, args.seed,
+                                      device=args.device)
     path = model_dir(args.load)
     cfg = ModelConfig.load(args.model_config or args.load)
     seq_length = args.seq_length or cfg.max_sequence_length
     if seq_length > cfg.max_sequence_length:
         raise ValueError(f"--seq-length {seq_length} exceeds the model's "
                          f"max_sequence_length {cfg.max_sequence_length}")
-    model, applied, _ = load_sparse_model(path, cfg, NMPattern(args.N, args.M), args.seed,
-                                          args.masks)
+    model, applied, _ = load_sparse_model(
+        path, cfg, NMPattern(args.N, args.M), args.seed, args.masks,
+        params_dtype=runtime.params_dtype(args, layout.device),
+        sequence_parallel=args.sequence_parallel, transformer_impl=args.transformer_impl)
     tokenizer = load_tokenizer(args.tokenizer or cfg.tokenizer)
     tokens = read_text_tokens(args.text, tokenizer)
     result = perplexity(model, tokens, seq_length, args.micro_batch_size,

@@ -46,7 +46,7 @@ def _load(load: str | Path, n: int = 2, m: int = 4):
     from .evaluate import load_sparse_model
     from .train import model_dir
 
-    runtime.init_distributed(1, 1)
+    runtime.init_distributed(1, 1, device="cpu")
     source = model_dir(load)
     config_dir = next((d for d in (Path(load), source, source.parent)
                        if (d / "model_config.json").exists()), None)

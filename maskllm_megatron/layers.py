@@ -151,17 +151,11 @@ class _SparseLinear:
         main_grad = getattr(self.mask_logits, "main_grad", None)
         if not self.mask_settings.fuse_grad_accumulation:
             main_grad = None
-        outs, regs = [], []
-        for start, stop, shard in self._row_segments():
-            out, reg = sample_masked_weight(
-                weight[start:stop], self.mask_logits[start:stop], pattern, tau=s.tau,
-                kappa=s.kappa, key=key, shard=shard, hard=self.mask_settings.hard_sampling,
-                backend=self.mask_settings.backend,
-                main_grad=None if main_grad is None else main_grad[start:stop])
-            outs.append(out)
-            regs.append(reg)
-        self.mask_reg = sum(regs)
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        out, self.mask_reg = sample_masked_weight(
+            weight, self.mask_logits, pattern, tau=s.tau, kappa=s.kappa, key=key,
+            segments=self._row_segments(), hard=self.mask_settings.hard_sampling,
+            backend=self.mask_settings.backend, main_grad=main_grad)
+        return out
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         masked = self.masked_weight(weight)
@@ -234,9 +228,6 @@ class SparseRowParallelLinear(_SparseLinear, RowParallelLinear):
                  **kwargs):
         super().__init__(input_size, output_size, **kwargs)
         self._setup_mask(mask_settings, kwargs.get("tp_comm_buffer_name"))
-
-
-SPARSE_LINEARS = (SparseColumnParallelLinear, SparseRowParallelLinear)
 
 
 # ----------------------------------------------------------------------------- model helpers

@@ -73,20 +73,28 @@ class ModelConfig:
         if self.vocab_size <= 0:
             raise ValueError("model config lacks a positive vocab_size")
 
-    def transformer_config(self, tp: int = 1, pp: int = 1, **overrides):
-        """A megatron ``TransformerConfig`` for this model at a parallel layout."""
+    def transformer_config(self, tp: int = 1, pp: int = 1, *, device=None,
+                           params_dtype: torch.dtype | None = None,
+                           sequence_parallel: bool = False, **overrides):
+        """A megatron ``TransformerConfig`` for this model at a parallel layout on ``device``.
+
+        On a GPU the weights are created there by megatron's own initialisation; on the CPU
+        (``device`` None or CPU) from one TP-independent master copy. ``params_dtype`` is the
+        run's dtype for the frozen weights (default: the one the model config records)."""
         from megatron.core.transformer.transformer_config import TransformerConfig
 
+        on_cpu = device is None or torch.device(device).type == "cpu"
         fields = dict(self.transformer)
         fields["activation_func"] = ACTIVATIONS[fields.pop("activation", "gelu")]
-        params_dtype = getattr(torch, fields.pop("params_dtype", "float32"))
+        recorded = getattr(torch, fields.pop("params_dtype", "float32"))
+        dtype = params_dtype or recorded
         fields.setdefault("hidden_dropout", 0.0)
         fields.setdefault("attention_dropout", 0.0)
         fields.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                      params_dtype=params_dtype, pipeline_dtype=params_dtype,
-                      bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
-                      use_cpu_initialization=True,
-                      batch_p2p_comm=torch.cuda.is_available())  # CPU: no CUDA sync in p2p
+                      params_dtype=dtype, pipeline_dtype=dtype,
+                      bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                      use_cpu_initialization=on_cpu, sequence_parallel=sequence_parallel,
+                      batch_p2p_comm=not on_cpu)  # CPU: no CUDA sync in p2p
         fields.update(overrides)
         return TransformerConfig(**fields)
 

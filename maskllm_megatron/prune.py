@@ -121,39 +121,47 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: NMPattern, *
 
 
 class _Statistics:
-    """Calibration statistics of one layer's input, accumulated by a forward pre-hook.
+    """Calibration statistics of one layer's input, accumulated by a forward pre-hook on the
+    layer's device in fp32 (as SparseGPT and Wanda do).
 
     ``gather``: for a row-parallel layer (input split over tensor parallel) the input shards are
     all-gathered, so the Hessian covers every input column and SparseGPT runs on the full
     weight rows exactly as at TP=1. Otherwise each shard keeps the block of the Hessian of its
     own columns (per-shard approximation: no cross-shard updates). Column-parallel layers see
-    the full input either way, and SparseGPT treats rows independently: exact.
+    the full input either way, and SparseGPT treats rows independently: exact. Under sequence
+    parallelism a column-parallel layer sees only its TP rank's part of the sequence: the
+    statistics, sums over tokens, are summed over TP.
     """
 
     def __init__(self, layer, method: str, gather: bool):
         self.layer, self.method = layer, method
         self.gather = (gather and method == "sparsegpt" and layer.partition_axis == 1
                        and _tp_size() > 1)  # Wanda's column norms are exact per shard
+        self.sequence_split = (layer.partition_axis == 0 and layer.sequence_parallel
+                               and _tp_size() > 1)
         self.sum = None
         self.tokens = 0
         self.handle = layer.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         if self.gather:
             x = _all_gather_columns(x)
         stat = x.square().sum(0) if self.method == "wanda" else x.T @ x
         self.sum = stat if self.sum is None else self.sum + stat
-        self.tokens += x.shape[0]
+        self.tokens += x.shape[0] * (_tp_size() if self.sequence_split else 1)
 
     def finish(self):
-        """Sum over data parallel (each DP rank saw its own calibration samples)."""
+        """Sum over data parallel (each DP rank saw its own calibration samples) and, under
+        sequence parallelism, over the TP ranks' parts of the sequence."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
         self.handle.remove()
         if self.sum is None:
             raise RuntimeError(f"{self.layer.kind}: no calibration input reached this layer")
+        if self.sequence_split:
+            dist.all_reduce(self.sum, group=ps.get_tensor_model_parallel_group())
         dist.all_reduce(self.sum, group=ps.get_data_parallel_group())
         return self.sum
 
@@ -273,21 +281,24 @@ def run_prune(args) -> dict:
     from .evaluate import forward_passes
     from .layers import MaskSettings, SamplingState, attach_sampling, sparse_layers
     from .model_config import ModelConfig
-    from .spec import build_gpt_model
+    from .spec import build_model
     from .train import model_dir
 
     method = check_method(args.method)
     pattern = NMPattern(args.N, args.M)
     layout = runtime.init_distributed(args.tensor_model_parallel_size,
-                                      args.pipeline_model_parallel_size, args.seed)
+                                      args.pipeline_model_parallel_size, args.seed,
+                                      device=args.device)
     cfg = ModelConfig.load(args.model_config or args.load)
     seq_length = args.seq_length or cfg.max_sequence_length
-    model = build_gpt_model(
-        cfg.transformer_config(layout.tp, layout.pp), cfg.vocab_size, cfg.max_sequence_length,
-        MaskSettings(pattern=pattern, mode="fixed"),
-        position_embedding_type=cfg.position_embedding_type,
-        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-        rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent)
+    if args.sequence_parallel and seq_length % layout.tp:
+        raise ValueError(f"--sequence-parallel splits the sequence over {layout.tp} TP ranks: "
+                         f"--seq-length {seq_length} must be a multiple of it")
+    model = build_model(cfg, MaskSettings(pattern=pattern, mode="fixed"), tp=layout.tp,
+                        pp=layout.pp, device=layout.device,
+                        params_dtype=runtime.params_dtype(args, layout.device),
+                        sequence_parallel=args.sequence_parallel,
+                        transformer_impl=args.transformer_impl)
     attach_sampling(model, SamplingState(seed=args.seed), init_logits=False)
     model.eval()
     load_model(model, model_dir(args.load), missing_masks="keep")
@@ -323,10 +334,9 @@ def run_prune(args) -> dict:
         for sub in ("pruned", "masks"):
             copy_model_files(source, out / sub)
             cfg.save(out / sub)
-    rows = []
-    for name, layer in sparse_layers(model):
-        kept = float((layer.weight != 0).double().mean())
-        rows.append((name, list(layer.weight.shape), kept))
+    kept = torch.stack([(layer.weight != 0).double().mean() for _, layer in sparse_layers(model)])
+    rows = [(name, list(layer.weight.shape), share) for (name, layer), share in
+            zip(sparse_layers(model), kept.tolist(), strict=True)]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (layout.tp_rank, layout.pp_rank, rows))
     if layout.rank == 0:

@@ -1,133 +1,63 @@
-"""Starting distributed work: process group, megatron-core parallel state, seeds, CPU shims.
+"""Starting distributed work: the device, the process group, megatron-core parallel state, seeds.
 
-Everything megatron-core needs to run without a GPU lives here, and is applied only when
-``torch.cuda.is_available()`` is False, so GPU behaviour is never changed. megatron-core
-(0.16-0.19) hard-codes CUDA in four places; the shims are:
-
-1. the model-parallel RNG tracker forks the CUDA generator -> a tracker that forks the CPU one;
-2. ``torch.cuda.current_device()`` (RoPE, attention buffers, gathers) -> the CPU device;
-3. ``torch.cuda.synchronize`` / ``current_stream`` (p2p, checkpoint writer, DDP) -> no-ops;
-4. literal ``device="cuda"`` and ``.cuda()`` (pipeline schedules, default causal masks, tied
-   embeddings) -> a process-wide ``TorchFunctionMode`` that maps them to the CPU.
-
-Two limits remain on CPU and are handled by callers: gradient clipping and the distributed
-optimizer of megatron-core type-check ``torch.cuda.FloatTensor`` (our trainer clips the logits
-itself), and the local spec's torch LayerNorm cannot run sequence parallel.
+One device per rank, chosen once (:func:`select_device`): ``cuda:LOCAL_RANK`` when CUDA is
+present, else the CPU; ``--device cpu`` asks for the CPU on a GPU machine (debugging). NCCL
+serves CUDA ranks and gloo CPU ranks. On the CPU megatron-core needs the shims of
+:mod:`.cpu_shims`, which the entry points apply; :func:`init_distributed` refuses to start
+megatron on a CPU without them rather than fail deep inside it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.overrides import TorchFunctionMode
 
-_CPU_MODE: TorchFunctionMode | None = None
+from . import cpu_shims
+
+DEVICES = ("auto", "cuda", "cpu")
+_DEVICE: torch.device | None = None
 
 
-# ----------------------------------------------------------------------------- CPU shims
-
-
-def _cpu_device(dev):
-    if isinstance(dev, torch.device) and dev.type == "cuda":
+def select_device(requested: str | torch.device | None = "auto") -> torch.device:
+    """``cuda:LOCAL_RANK`` for ``auto`` on a CUDA machine and for ``cuda``, else the CPU."""
+    if isinstance(requested, torch.device):
+        requested = requested.type
+    requested = requested or "auto"
+    if requested not in DEVICES:
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {requested!r}")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    if isinstance(dev, str) and dev.startswith("cuda"):
-        return "cpu"
-    if isinstance(dev, int) and not isinstance(dev, bool):  # a CUDA ordinal
-        return "cpu"
-    return dev
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device "
+                           f"(torch {torch.__version__})")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK {local_rank} has no GPU: this node has "
+                           f"{torch.cuda.device_count()}; start at most that many processes")
+    return torch.device("cuda", local_rank)
 
 
-class CudaToCpuMode(TorchFunctionMode):
-    """Maps ``device="cuda"``, ``.cuda()`` and ``.to("cuda")`` to the CPU (shim 4)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if "device" in kwargs:
-            kwargs["device"] = _cpu_device(kwargs["device"])
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], (str, torch.device)):
-            args = (args[0], _cpu_device(args[1]), *args[2:])
-        return func(*args, **kwargs)
+PARAMS_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class _NullStream:
-    def wait_event(self, *args, **kwargs):
-        pass
-
-    def wait_stream(self, *args, **kwargs):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def record_event(self, *args, **kwargs):
-        return None
-
-
-def _install_cpu_rng_tracker() -> None:
-    """Shim 1: megatron's tracker API, backed by the CPU generator."""
-    from megatron.core.tensor_parallel import random as mrandom
-
-    class CPURNGStatesTracker(mrandom.CudaRNGStatesTracker):
-        def add(self, name, seed):
-            self._is_initialized = True
-            if seed in self.seeds_:
-                raise Exception(f"seed {seed} already exists")
-            if name in self.states_:
-                raise Exception(f"rng state {name} already exists")
-            self.seeds_.add(seed)
-            saved = torch.get_rng_state()
-            torch.manual_seed(seed)
-            self.states_[name] = torch.get_rng_state()
-            torch.set_rng_state(saved)
-
-        @contextlib.contextmanager
-        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
-            if name not in self.states_:
-                raise Exception(f"rng state {name} is not added")
-            saved = torch.get_rng_state()
-            torch.set_rng_state(self.states_[name])
-            try:
-                yield
-            finally:
-                self.states_[name] = torch.get_rng_state()
-                torch.set_rng_state(saved)
-
-    if not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker):
-        mrandom._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
-        mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-
-
-def install_cpu_shims() -> bool:
-    """Make megatron-core run on a CPU-only machine; idempotent; a no-op when CUDA exists.
-
-    Returns True when the shims are active. The function mode is entered once for the process
-    (and stays entered), so megatron's schedules, masks and tied embeddings work unchanged.
-    """
-    global _CPU_MODE
-    if torch.cuda.is_available():
-        return False
-    _install_cpu_rng_tracker()
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.synchronize = lambda *args, **kwargs: None
-    torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
-    if _CPU_MODE is None:
-        _CPU_MODE = CudaToCpuMode()
-        _CPU_MODE.__enter__()
-    return True
+def params_dtype(options, device: torch.device) -> torch.dtype:
+    """The frozen weights' dtype from ``--bf16/--fp16/--fp32`` (attributes of ``options``),
+    else bf16 on a GPU and fp32 on the CPU."""
+    chosen = [name for name in PARAMS_DTYPES if getattr(options, name, False)]
+    if len(chosen) > 1:
+        raise ValueError("give at most one of --bf16, --fp16, --fp32")
+    if chosen:
+        return PARAMS_DTYPES[chosen[0]]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def device() -> torch.device:
-    """The device this rank computes on."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """The device this rank computes on (chosen by :func:`init_distributed`)."""
+    return _DEVICE if _DEVICE is not None else select_device("auto")
 
 
 # ----------------------------------------------------------------------------- start-up
@@ -145,21 +75,31 @@ class ParallelLayout:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    device: torch.device
 
 
 def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                     seed: int = 1234, timeout_s: float = 600.0) -> ParallelLayout:
-    """Start (once) the process group from torchrun's environment, then megatron's parallel state.
+                     seed: int = 1234, timeout_s: float = 600.0,
+                     device: str | torch.device | None = "auto") -> ParallelLayout:
+    """Choose this rank's device, start (once) the process group from torchrun's environment,
+    then megatron's parallel state.
 
-    NCCL on GPU, gloo on CPU. Without ``RANK``/``WORLD_SIZE`` a single-process group is made, so
-    the same entry point serves ``python -m`` runs, torchrun and SLURM (via torchrun).
+    Without ``RANK``/``WORLD_SIZE`` a single-process group is made, so the same entry point
+    serves ``python -m`` runs, torchrun and SLURM (via torchrun).
     """
+    global _DEVICE
+    chosen = select_device(device)
+    if chosen.type == "cpu" and not cpu_shims.active():
+        raise RuntimeError("megatron-core runs on the CPU only inside "
+                           "maskllm_megatron.cpu_shims.cpu_shims() (the CLI applies it)")
+    if dist.is_initialized() and _DEVICE is not None and _DEVICE != chosen:
+        raise RuntimeError(f"this process already computes on {_DEVICE}, not {chosen}")
+    _DEVICE = chosen
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if chosen.type == "cuda":
+            torch.cuda.set_device(chosen)
         timeout = datetime.timedelta(seconds=timeout_s)
-        backend = "nccl" if cuda else "gloo"
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
         if "WORLD_SIZE" not in os.environ:  # one process: an in-memory store, no port to clash
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0,
                                     world_size=1, timeout=timeout)
@@ -168,7 +108,6 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
             os.environ.setdefault("MASTER_PORT", "29500")
             dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]),
                                     world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
-    install_cpu_shims()
     return set_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size, seed)
 
 
@@ -187,11 +126,8 @@ def set_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_
         ps.destroy_model_parallel()
         _destroy_subgroups()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    if not torch.cuda.is_available():
-        from megatron.core.tensor_parallel import random as mrandom
-
-        mrandom._CUDA_RNG_STATE_TRACKER = None  # fresh tracker: seeds may repeat across layouts
-        _install_cpu_rng_tracker()
+    if cpu_shims.active():
+        cpu_shims.install_cpu_rng_tracker()
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return current_layout()
@@ -218,13 +154,16 @@ def current_layout() -> ParallelLayout:
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
+        device=device(),
     )
 
 
 def shutdown() -> None:
+    global _DEVICE
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    _DEVICE = None

@@ -2,13 +2,18 @@
 
 megatron-core's own spec builder (``get_gpt_layer_local_spec``) assembles the transformer layer;
 we only swap the classes of ``linear_qkv``, ``linear_proj``, ``linear_fc1`` and ``linear_fc2``
-for the sparse ones (each kind selectable). When Transformer Engine imports, its norms and
-attention replace the torch ones (fused kernels, flash attention, sequence parallel); the
-linears stay ours, so the spec never depends on TE's fused LayerNorm-linear modules.
+for the sparse ones (each kind selectable). Around them, ``transformer_impl`` picks the rest:
 
-The model is megatron-core's ``GPTModel``: it is the model class the pinned releases
-(0.16-0.19) build from layer specs and checkpoint with ``sharded_state_dict``; the legacy
-``megatron.legacy`` models are deprecated and have no spec support.
+* ``transformer_engine``: TE's norms and fused attention (flash / cuDNN), sequence parallel
+  through TE's norms. The linears stay ours, so the spec never depends on TE's fused
+  LayerNorm-linear modules;
+* ``local``: megatron's attention, apex's fused LayerNorm when apex imports, otherwise
+  :class:`LocalNorm`, a torch norm that also does what megatron's torch fallback refuses
+  (sequence parallel, Nemotron's zero-centred gamma).
+
+:func:`default_transformer_impl` picks TE on a GPU when it imports. The model is megatron-core's
+``GPTModel``: it is the model class the pinned releases (0.16-0.19) build from layer specs and
+checkpoint with ``sharded_state_dict``.
 """
 
 from __future__ import annotations
@@ -28,30 +33,39 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .cpu_shims import cuda_literals
 from .layers import MaskSettings, SparseColumnParallelLinear, SparseRowParallelLinear
 
 SPARSE_LAYER_KINDS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
 _COLUMN = ("linear_qkv", "linear_fc1")
 
 
-class ZeroCenteredNorm(torch.nn.Module):
-    """LayerNorm / RMSNorm with zero-centred gamma (``(1 + weight)``, Nemotron's LayerNorm1p)
-    for machines without Transformer Engine, whose norm supports it; megatron's torch norm
-    does not. Same constructor as megatron's norms."""
+class LocalNorm(torch.nn.Module):
+    """LayerNorm or RMSNorm in torch ops, with megatron's norm constructor.
+
+    Unlike megatron's torch fallback it runs under sequence parallelism (its parameters are
+    marked so that ``finalize_model_grads`` reduces their gradients over TP) and supports
+    zero-centred gamma (``(1 + weight)``, Nemotron's LayerNorm1p). State-dict keys are torch's
+    (``weight``, ``bias``), so checkpoints are interchangeable with the other norms."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
         super().__init__()
         self.rms = config.normalization == "RMSNorm"
+        self.zero_centered = bool(config.layernorm_zero_centered_gamma)
         self.eps = eps
-        dtype = config.params_dtype
-        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+        init = torch.zeros if self.zero_centered else torch.ones
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype,
+                                              device=device))
         if not self.rms:
-            self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+            self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype,
+                                                       device=device))
         for param in self.parameters():
             param.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gamma = self.weight + 1
+        gamma = self.weight + 1 if self.zero_centered else self.weight
         if self.rms:
             norm = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
             return (norm * gamma.float()).to(x.dtype)
@@ -68,19 +82,34 @@ def transformer_engine_modules():
     return TENorm, TEDotProductAttention
 
 
+def apex_layer_norm():
+    """megatron's apex ``FusedLayerNorm`` when apex imports, else ``None``."""
+    try:
+        import apex  # noqa: F401
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+    except Exception:  # noqa: BLE001 - missing or broken: the torch norm serves
+        return None
+    return FusedLayerNorm
+
+
+def default_transformer_impl(device: torch.device | str | None = None) -> str:
+    """``transformer_engine`` on a GPU where TE imports, else ``local``."""
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    return "transformer_engine" if on_gpu and transformer_engine_modules() else "local"
+
+
 def get_sparse_gpt_layer_spec(
     mask_settings: MaskSettings | None = None,
     sparse_layers: tuple[str, ...] = SPARSE_LAYER_KINDS,
     normalization: str = "LayerNorm",
     qk_layernorm: bool = False,
-    use_transformer_engine: bool | None = None,
-    zero_centered_gamma: bool = False,
+    transformer_impl: str = "local",
 ) -> ModuleSpec:
     """megatron-core's GPT layer spec with the chosen linears made sparse.
 
     ``sparse_layers`` picks among ``linear_qkv``, ``linear_proj``, ``linear_fc1``,
     ``linear_fc2``; embeddings and the output layer are never in a layer spec and stay dense.
-    ``use_transformer_engine``: None uses TE when it imports, True requires it.
+    ``transformer_impl``: ``local`` or ``transformer_engine`` (which must then import).
     """
     unknown = set(sparse_layers) - set(SPARSE_LAYER_KINDS)
     if unknown:
@@ -97,23 +126,23 @@ def get_sparse_gpt_layer_spec(
         cls = SparseColumnParallelLinear if kind in _COLUMN else SparseRowParallelLinear
         setattr(owners[kind], kind, ModuleSpec(module=cls, params={"mask_settings": settings}))
 
-    te = transformer_engine_modules() if use_transformer_engine is not False else None
-    if use_transformer_engine and te is None:
-        raise RuntimeError("use_transformer_engine=True but Transformer Engine does not import")
-    if te is not None:
-        te_norm, te_attention = te
-        spec.submodules.input_layernorm = te_norm
-        spec.submodules.pre_mlp_layernorm = te_norm
-        attention.core_attention = te_attention
-        if qk_layernorm:
-            attention.q_layernorm = te_norm
-            attention.k_layernorm = te_norm
-    elif zero_centered_gamma:
-        spec.submodules.input_layernorm = ZeroCenteredNorm
-        spec.submodules.pre_mlp_layernorm = ZeroCenteredNorm
-        if qk_layernorm:
-            attention.q_layernorm = ZeroCenteredNorm
-            attention.k_layernorm = ZeroCenteredNorm
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"unknown transformer implementation {transformer_impl!r}; choose from "
+                         f"{', '.join(TRANSFORMER_IMPLS)}")
+    if transformer_impl == "transformer_engine":
+        te = transformer_engine_modules()
+        if te is None:
+            raise RuntimeError("--transformer-impl transformer_engine, but Transformer Engine "
+                               "does not import here (use --transformer-impl local)")
+        norm, attention.core_attention = te
+    else:
+        fused = apex_layer_norm()
+        norm = fused if fused is not None and normalization == "LayerNorm" else LocalNorm
+    spec.submodules.input_layernorm = norm
+    spec.submodules.pre_mlp_layernorm = norm
+    if qk_layernorm:
+        attention.q_layernorm = norm
+        attention.k_layernorm = norm
     return spec
 
 
@@ -125,22 +154,38 @@ def build_gpt_model(
     sparse_layers: tuple[str, ...] = SPARSE_LAYER_KINDS,
     position_embedding_type: str = "rope",
     share_embeddings_and_output_weights: bool = True,
-    use_transformer_engine: bool | None = None,
+    transformer_impl: str = "local",
     **gpt_kwargs,
 ) -> GPTModel:
     """megatron-core's GPTModel for this rank's pipeline stage, built from the sparse spec."""
     spec = get_sparse_gpt_layer_spec(
-        mask_settings, sparse_layers,
-        normalization=config.normalization, qk_layernorm=config.qk_layernorm,
-        use_transformer_engine=use_transformer_engine,
-        zero_centered_gamma=config.layernorm_zero_centered_gamma)
-    if config.layernorm_zero_centered_gamma and spec.submodules.input_layernorm is \
-            ZeroCenteredNorm:  # the final norm too (megatron's block would pick a torch norm)
-        spec = ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
-            layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=ZeroCenteredNorm))
-    return GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
-        max_sequence_length=max_sequence_length,
-        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-        position_embedding_type=position_embedding_type,
-        share_embeddings_and_output_weights=share_embeddings_and_output_weights, **gpt_kwargs)
+        mask_settings, sparse_layers, normalization=config.normalization,
+        qk_layernorm=config.qk_layernorm, transformer_impl=transformer_impl)
+    # the final norm too: megatron's block would pick its own default class
+    block = ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config),
+        layer_norm=spec.submodules.input_layernorm))
+    with cuda_literals():  # tied embeddings at PP > 1 call .cuda()
+        return GPTModel(
+            config=config, transformer_layer_spec=block, vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+            position_embedding_type=position_embedding_type,
+            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+            **gpt_kwargs)
+
+
+def build_model(cfg, mask_settings: MaskSettings | None = None, *, tp: int = 1, pp: int = 1,
+                device=None, params_dtype: torch.dtype | None = None,
+                sequence_parallel: bool = False, transformer_impl: str | None = None,
+                **config_overrides) -> GPTModel:
+    """The sparse GPT of a :class:`~.model_config.ModelConfig` for this rank's stage of a
+    TP x PP layout, created on ``device`` in ``params_dtype`` (every command builds it here)."""
+    config = cfg.transformer_config(tp, pp, device=device, params_dtype=params_dtype,
+                                    sequence_parallel=sequence_parallel, **config_overrides)
+    return build_gpt_model(
+        config, cfg.vocab_size, cfg.max_sequence_length, mask_settings,
+        position_embedding_type=cfg.position_embedding_type,
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        transformer_impl=transformer_impl or default_transformer_impl(device),
+        rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent)

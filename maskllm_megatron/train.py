@@ -1,15 +1,19 @@
-"""The mask-learning trainer: megatron-core pipeline schedules, AdamW on the logits, exact resume.
+"""The mask-learning trainer on megatron-core's training machinery, with exact resume.
 
 Story of one run (:func:`train`):
 
-1. start distributed work and build the model from ``model_config.json`` with sparse layers;
-2. load the newest checkpoint in ``--save`` (exact resume) or else ``--load`` (dense weights) and
+1. choose this rank's device, start distributed work and build the model there from
+   ``model_config.json`` with sparse layers, frozen weights in the run's dtype;
+2. wrap it in megatron's DDP (bucketed gradient buffers, reduce-scatter overlapped with
+   backward) and give the optimizer this rank's slice of every bucket (:mod:`.optim`);
+3. load the newest checkpoint in ``--save`` (exact resume) or else ``--load`` (dense weights) and
    ``--prior`` (bias the logits towards a hard mask);
-3. each iteration: set tau / kappa / lr from the iteration, run megatron's forward-backward over
-   the micro-batches (each micro-batch draws its own sample; each data-parallel rank too), add
-   the sparse-weight regulariser of *every* pipeline stage, average logits gradients over data
-   parallel, clip by the norm over all ranks, refuse non-finite steps, AdamW;
-4. log (progress bar, JSONL, TensorBoard), save atomically, and plot at the end.
+4. each iteration: tau / kappa from the iteration, the learning rate from megatron's
+   ``OptimizerParamScheduler``; megatron's forward-backward over the micro-batches (each
+   micro-batch draws its own sample, each data-parallel rank too), the sparse-weight
+   regulariser of *every* pipeline stage, ``finalize_model_grads``; megatron's grad norm and
+   clipping; non-finite steps refused; AdamW on this rank's slices, parameters all-gathered;
+5. log (progress bar, JSONL, TensorBoard), save atomically, and plot at the end.
 
 Everything that varies per step (noise keys, data position, schedules) is a pure function of
 the iteration, so a checkpoint holds only tensors (logits, optimizer moments) and the iteration.
@@ -29,14 +33,33 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from . import runtime
-from .checkpoint import load_model, save_model
-from .layers import MaskSettings, SamplingState, attach_sampling, sparse_layers
-from .model_config import ModelConfig
-from .nm import NMPattern, apply_prior
-from .optim import FULL, MaskAdamW, mask_state_format
+from .checkpoint import load_model, parameter_entries, save_model
+from .cpu_shims import cuda_literals
+from .data.datasets import BatchLayout, batch_for, build_gpt_datasets
+from .data.tokenizer import load_tokenizer
+from .grads import wrap_model
+from .layers import (
+    LOGITS_INIT_STD,
+    MaskSettings,
+    SamplingState,
+    attach_sampling,
+    regularizer,
+    set_mask_mode,
+    sparse_layers,
+)
+from .model_config import ModelConfig, copy_model_files
+from .nm import NMPattern, apply_prior, indices_to_mask
+from .optim import MOMENTS, ShardedAdamW, moment_entries, state_format
 from .schedules import GumbelSchedule
+from .spec import TRANSFORMER_IMPLS, build_model
 
 
 class TrainingError(RuntimeError):
@@ -68,11 +91,19 @@ class TrainArgs:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
-    main_grads_dtype: str = "bf16"  # mask-logit gradient buffers (fp32: exact accumulation)
-    exp_avg_dtype: str = "bf16"  # Adam first moment of the logits
-    exp_avg_sq_dtype: str = "bf16"  # Adam second moment of the logits
-    second_moment: str = "element"  # per logit, or per N:M group (13 B/weight, see optim.py)
+    main_grads_dtype: str = "bf16"  # DDP gradient buffers of the logits (fp32: exact sums)
+    exp_avg_dtype: str = "bf16"  # Adam first moment, sharded over data parallel
+    exp_avg_sq_dtype: str = "bf16"  # Adam second moment, sharded over data parallel
     clip_grad: float = 1.0
+    device: str = "auto"  # cuda:LOCAL_RANK when CUDA is present, else cpu
+    bf16: bool = False  # frozen weights' dtype; default bf16 on a GPU, fp32 on the CPU
+    fp16: bool = False
+    fp32: bool = False
+    loss_scale: float | None = None  # fp16: a constant loss scale (default: dynamic)
+    initial_loss_scale: float = 2.0**16
+    transformer_impl: str | None = None  # local | transformer_engine (default: TE on a GPU)
+    sequence_parallel: bool = False
+    overlap_grad_reduce: bool = True
     N: int = 2
     M: int = 4
     gumbel_temperature_range: list[float] = field(default_factory=lambda: [4.0, 0.05])
@@ -101,8 +132,17 @@ class TrainArgs:
             raise ValueError("--lr-decay-style must be cosine, linear or constant")
         if self.dense and not self.train_weights:
             raise ValueError("--dense (masks off) only makes sense with --train-weights")
-        mask_state_format(self.main_grads_dtype, self.exp_avg_dtype, self.exp_avg_sq_dtype,
-                          self.second_moment)
+        state_format(self.main_grads_dtype, self.exp_avg_dtype, self.exp_avg_sq_dtype)
+        if self.device not in runtime.DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(runtime.DEVICES)}")
+        if sum((self.bf16, self.fp16, self.fp32)) > 1:
+            raise ValueError("give at most one of --bf16, --fp16, --fp32")
+        if self.transformer_impl not in (None, *TRANSFORMER_IMPLS):
+            raise ValueError(f"--transformer-impl must be one of {', '.join(TRANSFORMER_IMPLS)}")
+        if self.lr_warmup_iters >= self.train_iters:
+            raise ValueError("--lr-warmup-iters must be below --train-iters")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.train_iters < 1:
             raise ValueError("--train-iters must be positive")
         for name in ("gumbel_temperature_range", "gumbel_scale_range"):
@@ -122,8 +162,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, nargs="+", type=kind, default=None)
         else:
             kind = {int: int, float: float}.get(type(default), str)
-            if f.type in ("int | None",):
-                kind = int
+            kind = {"int | None": int, "float | None": float}.get(f.type, kind)
             parser.add_argument(flag, type=kind, default=None)
 
 
@@ -155,16 +194,14 @@ def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
 # ----------------------------------------------------------------------------- schedules
 
 
-def learning_rate(args: TrainArgs, iteration: int) -> float:
-    if args.lr_warmup_iters and iteration < args.lr_warmup_iters:
-        return args.lr * (iteration + 1) / args.lr_warmup_iters
-    if args.lr_decay_style == "constant":
-        return args.lr
-    decay_iters = max(1, args.train_iters - args.lr_warmup_iters)
-    progress = min(1.0, (iteration - args.lr_warmup_iters) / decay_iters)
-    if args.lr_decay_style == "linear":
-        return args.lr + (args.min_lr - args.lr) * progress
-    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_scheduler(optimizer, args: TrainArgs) -> OptimizerParamScheduler:
+    """megatron's scheduler, counted in iterations: iteration ``i`` runs at its step ``i``."""
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
+        min_lr=min(args.min_lr, args.lr), lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
+        wd_incr_style="constant")
 
 
 class _AuxLoss(torch.autograd.Function):
@@ -174,12 +211,13 @@ class _AuxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output, aux, scale):
         ctx.scale = scale
-        ctx.aux_shape = aux.shape
+        ctx.aux_shape, ctx.aux_device = aux.shape, aux.device
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        return grad_output, torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32), None
+        return grad_output, torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32,
+                                       device=ctx.aux_device), None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -188,20 +226,23 @@ class _AuxLoss(torch.autograd.Function):
 def train(args: TrainArgs) -> dict:
     """Run (or resume) training; returns the final metrics."""
     layout = runtime.init_distributed(args.tensor_model_parallel_size,
-                                      args.pipeline_model_parallel_size, args.seed)
+                                      args.pipeline_model_parallel_size, args.seed,
+                                      device=args.device)
     main_rank = layout.rank == 0
     model_cfg = _model_config(args)
     seq_length = args.seq_length or model_cfg.max_sequence_length
+    if args.sequence_parallel and seq_length % layout.tp:
+        raise ValueError(f"--sequence-parallel splits the sequence over {layout.tp} TP ranks: "
+                         f"--seq-length {seq_length} must be a multiple of it")
     pattern = NMPattern(args.N, args.M)
     model, state = _build_model(args, model_cfg, layout)
-    optimizer = _optimizer(model, args)
-    params = optimizer.params()
-    start = _restore(args, model, optimizer, pattern)
+    chunk, optimizer = _optimizer(model, args)
+    scaler = _grad_scaler(args, model.config)
+    scheduler = lr_scheduler(optimizer, args)
+    start = _restore(args, model, optimizer, scaler, pattern)
+    scheduler.step(start)
     if main_rank:
         _print_memory_table(model, optimizer, args)
-
-    from .data.datasets import BatchLayout, build_gpt_datasets
-    from .data.tokenizer import load_tokenizer
 
     batches = BatchLayout(args.micro_batch_size, args.global_batch_size, layout.dp)
     tokenizer = load_tokenizer(args.tokenizer or model_cfg.tokenizer)
@@ -214,8 +255,6 @@ def train(args: TrainArgs) -> dict:
                               tuple(args.gumbel_scale_range), args.train_iters,
                               args.gumbel_schedule)
     if main_rank and args.save:  # the run directory describes its model on its own
-        from .model_config import copy_model_files
-
         source = Path(args.model_config or args.load)
         copy_model_files(source if source.is_dir() else source.parent, args.save)
         model_cfg.save(args.save)
@@ -226,15 +265,17 @@ def train(args: TrainArgs) -> dict:
     for iteration in range(start, args.train_iters):
         state.iteration, state.dp_rank = iteration, layout.dp_rank
         state.tau, state.kappa = schedule.tau(iteration), schedule.kappa(iteration)
-        lr = learning_rate(args, iteration)
+        lr = optimizer.param_groups[0]["lr"]
         reg_weight = args.weight_reg * (1.0 - iteration / args.train_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         optimizer.zero_grad()
-        loss, reg = _forward_backward(model, state, train_ds, batches, iteration, seq_length,
-                                      reg_weight, args)
-        _reduce_gradients(model, params)
-        grad_norm = _clip_gradients(params, args.clip_grad)
+        loss, reg = _forward_backward(chunk, state, train_ds, batches, iteration, seq_length,
+                                      reg_weight, layout.device)
+        scheduler.step(1)  # every iteration, taken or refused: the lr is a function of it
+        if scaler is not None and not _unscale(optimizer, scaler):
+            logger.note(f"iteration {iteration}: fp16 gradients overflowed; loss scale now "
+                        f"{float(scaler.scale):g}, step skipped")
+            continue
+        grad_norm = optimizer.grad_norm()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             skipped += 1
             what = "loss" if not math.isfinite(loss) else "gradient"
@@ -246,6 +287,8 @@ def train(args: TrainArgs) -> dict:
                                     f"--skip-nonfinite-steps={args.skip_nonfinite_steps}")
             logger.note(message)
             continue
+        if args.clip_grad > 0:
+            optimizer.clip_grads(args.clip_grad, grad_norm)
         optimizer.step()
         step = iteration + 1
         metrics = dict(iteration=step, loss=loss, reg=reg, lr=lr, tau=state.tau,
@@ -254,12 +297,12 @@ def train(args: TrainArgs) -> dict:
             metrics.update(_mask_statistics(model, previous_argmax, state))
             previous_argmax = _argmax_snapshot(model)
         if args.eval_interval and valid_ds is not None and step % args.eval_interval == 0:
-            metrics["val_loss"] = evaluate(model, state, valid_ds, batches, seq_length,
+            metrics["val_loss"] = evaluate(chunk, state, valid_ds, batches, seq_length,
                                            args.eval_iters)
         logger.log(metrics)
         if args.save and (step == args.train_iters or
                           (args.save_interval and step % args.save_interval == 0)):
-            save_checkpoint(model, optimizer, args, step)
+            save_checkpoint(model, optimizer, scaler, args, step)
     logger.close()
     return metrics
 
@@ -275,64 +318,83 @@ def _model_config(args: TrainArgs) -> ModelConfig:
 
 
 def _build_model(args: TrainArgs, cfg: ModelConfig, layout):
-    from .spec import build_gpt_model
-
-    config = cfg.transformer_config(layout.tp, layout.pp)
     torch.manual_seed(args.seed)
     settings = MaskSettings(pattern=NMPattern(args.N, args.M),
                             mode="dense" if args.dense else "learn",
                             hard_sampling=args.hard_sampling)
-    model = build_gpt_model(
-        config, cfg.vocab_size, cfg.max_sequence_length, settings,
-        position_embedding_type=cfg.position_embedding_type,
-        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-        rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent)
+    model = build_model(cfg, settings, tp=layout.tp, pp=layout.pp, device=layout.device,
+                        params_dtype=runtime.params_dtype(args, layout.device),
+                        sequence_parallel=args.sequence_parallel,
+                        transformer_impl=args.transformer_impl)
     state = SamplingState(seed=args.seed, dp_rank=layout.dp_rank)
     attach_sampling(model, state)
     return model, state
 
 
-def _optimizer(model, args: TrainArgs) -> MaskAdamW:
-    """Mask logits only (compact state), unless --train-weights: nothing else gets gradients
-    or Adam state. Weights, when trained, get plain fp32 AdamW state."""
-    logits, others = [], []
+def _optimizer(model, args: TrainArgs) -> tuple:
+    """Mask logits only, unless --train-weights: nothing else gets gradients, DDP buffers or
+    Adam state. Returns (the DDP-wrapped model chunk, the optimizer)."""
+    learned = 0
     for name, param in model.named_parameters():
-        is_logits = name.endswith("mask_logits")
-        learn = (is_logits and not args.dense) or args.train_weights
+        # logits learn unless the masks are off; other parameters only with --train-weights
+        learn = not args.dense if name.endswith("mask_logits") else args.train_weights
         param.requires_grad_(learn)
-        if learn:
-            (logits if is_logits else others).append(param)
-    if not logits and not others:
+        learned += learn
+    if not learned:
         raise TrainingError("nothing to train: the model has no sparse layers")
-    fmt = mask_state_format(args.main_grads_dtype, args.exp_avg_dtype, args.exp_avg_sq_dtype,
-                            args.second_moment)
-    groups = [g for g in ({"params": logits, "format": fmt}, {"params": others, "format": FULL})
-              if g["params"]]
-    return MaskAdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                     eps=args.adam_eps, weight_decay=args.weight_decay)
+    fmt = state_format(args.main_grads_dtype, args.exp_avg_dtype, args.exp_avg_sq_dtype)
+    chunk = wrap_model(model, fmt.main_grads_dtype, args.overlap_grad_reduce)
+    config = model.config  # megatron's schedules drive the gradient reduction through these
+    config.no_sync_func = chunk.no_sync
+    config.grad_sync_func = chunk.start_grad_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer = ShardedAdamW([chunk], fmt, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                             eps=args.adam_eps, weight_decay=args.weight_decay)
+    return chunk, optimizer
+
+
+def _grad_scaler(args: TrainArgs, config):
+    """megatron's loss scaler for fp16 runs (constant with --loss-scale, else dynamic)."""
+    if not args.fp16:
+        return None
+    with cuda_literals():
+        scaler = (ConstantGradScaler(args.loss_scale) if args.loss_scale else
+                  DynamicGradScaler(initial_scale=args.initial_loss_scale, min_scale=1.0,
+                                    growth_factor=2.0, backoff_factor=0.5, growth_interval=1000,
+                                    hysteresis=2))
+    config.grad_scale_func = lambda loss: loss * scaler.scale
+    return scaler
+
+
+def _unscale(optimizer: ShardedAdamW, scaler) -> bool:
+    """Undo the fp16 loss scale in the gradients; False (and a smaller scale) on overflow."""
+    inverse = float(scaler.inv_scale)
+    for s in optimizer.slices:
+        s.decoupled_grad.mul_(inverse)
+    found_inf = not math.isfinite(optimizer.grad_norm())
+    with cuda_literals():
+        scaler.update(found_inf)
+    return not found_inf
 
 
 # ----------------------------------------------------------------------------- one step
 
 
-def _forward_backward(model, state, dataset, batches, iteration, seq_length, reg_weight, args):
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from .data.datasets import batch_for
-    from .layers import regularizer
-
+def _forward_backward(chunk, state, dataset, batches, iteration, seq_length, reg_weight,
+                      device) -> tuple[float, float]:
+    """megatron's forward-backward over this iteration's micro-batches; (loss, regulariser)
+    averaged over micro-batches and data parallel, the same on every rank."""
     microbatch = iter(range(batches.num_microbatches))
-    regs: list[float] = []
+    regs: list[torch.Tensor] = []
 
     def forward_step(data_iterator, model):
         k = next(microbatch)
         state.microbatch = k
-        batch = batch_for(dataset, batches, iteration, k, state.dp_rank)
+        batch = batch_for(dataset, batches, iteration, k, state.dp_rank, device)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         reg = regularizer(model)
         if reg is not None:
-            regs.append(float(reg.detach()))
+            regs.append(reg.detach())
             if reg_weight > 0:  # this stage's (and TP shard's) term, on every stage
                 output = _AuxLoss.apply(output, reg, reg_weight / batches.num_microbatches)
         mask = batch["loss_mask"].float()
@@ -343,78 +405,39 @@ def _forward_backward(model, state, dataset, batches, iteration, seq_length, reg
 
         return output, loss_func
 
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=None, model=[model],
-        num_microbatches=batches.num_microbatches, seq_length=seq_length,
-        micro_batch_size=batches.micro_batch_size, forward_only=False)
-    loss = torch.tensor(
-        [float(torch.stack([d["lm loss"] for d in losses]).mean()) if losses else 0.0])
-    # the loss lives on the last stage: share it along the pipeline, average over data parallel
-    dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
-    dist.all_reduce(loss, group=ps.get_data_parallel_group())
-    reg = torch.tensor([sum(regs) / max(1, len(regs))])
-    dist.all_reduce(reg, group=ps.get_model_parallel_group())  # every stage and TP shard
-    return float(loss) / ps.get_data_parallel_world_size(), float(reg)
-
-
-def _reduce_gradients(model, params) -> None:
-    """Average gradients over data parallel; sum tied embeddings across the pipeline ends.
-
-    Reduced one parameter at a time in fp32 (whatever the buffer's dtype), so the transient
-    copy is one layer's, not the model's."""
-    from megatron.core import parallel_state as ps
-
-    def reduce(param, group, scale=1.0):
-        grad = param.main_grad.float()
-        dist.all_reduce(grad, group=group)
-        param.main_grad.copy_(grad.mul_(scale) if scale != 1.0 else grad)
-
-    dp = ps.get_data_parallel_world_size()
-    if dp > 1:
-        for param in params:
-            reduce(param, ps.get_data_parallel_group(), 1.0 / dp)
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        for param in params:
-            if getattr(param, "shared_embedding", False):
-                reduce(param, ps.get_embedding_group())
-
-
-def _clip_gradients(params, max_norm: float) -> float:
-    """Global grad norm over all model-parallel ranks (TP duplicates counted once); clip."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-    total = torch.zeros(1, dtype=torch.float64)
-    for param in params:
-        if param_is_not_tensor_parallel_duplicate(param):
-            if getattr(param, "shared_embedding", False) and not ps.is_pipeline_first_stage():
-                continue  # tied copy on the last stage: counted on the first
-            total += param.main_grad.double().square().sum()
-    dist.all_reduce(total, group=ps.get_model_parallel_group())
-    norm = float(total.sqrt())
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        for param in params:
-            param.main_grad.mul_(max_norm / (norm + 1e-6))
-    return norm
+    with cuda_literals():
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=None, model=[chunk],
+            num_microbatches=batches.num_microbatches, seq_length=seq_length,
+            micro_batch_size=batches.micro_batch_size, forward_only=False)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    if losses:  # the loss lives on the last stage: share it along the pipeline
+        totals[0] = torch.stack([d["lm loss"] for d in losses]).double().mean()
+    if regs:
+        totals[1] = torch.stack(regs).double().mean()
+    dist.all_reduce(totals[:1], group=ps.get_pipeline_model_parallel_group())
+    dist.all_reduce(totals[:1], group=ps.get_data_parallel_group())
+    dist.all_reduce(totals[1:], group=ps.get_model_parallel_group())  # every stage, TP shard
+    loss, reg = totals.tolist()
+    return loss / ps.get_data_parallel_world_size(), reg
 
 
 @torch.no_grad()
-def evaluate(model, state, dataset, batches, seq_length, iters: int) -> float:
+def evaluate(chunk, state, dataset, batches, seq_length, iters: int) -> float:
     """Mean LM loss with hard (argmax) masks on ``iters`` validation batches."""
-    from megatron.core import parallel_state as ps
-
     from .evaluate import forward_passes
-    from .layers import set_mask_mode
 
-    modes = {id(layer): layer.mode for _, layer in sparse_layers(model)}
+    device = runtime.device()
+    modes = {id(layer): layer.mode for _, layer in sparse_layers(chunk)}
     if any(mode == "learn" for mode in modes.values()):
-        set_mask_mode(model, "hard")
+        set_mask_mode(chunk, "hard")
     try:
-        total = forward_passes(model, dataset, batches, seq_length, iters, state.dp_rank)
+        total = forward_passes(chunk, dataset, batches, seq_length, iters, state.dp_rank)
     finally:
-        for _, layer in sparse_layers(model):
+        for _, layer in sparse_layers(chunk):
             layer.mode = modes[id(layer)]
-    value = torch.tensor([sum(total) / len(total) if total else 0.0])
+    value = torch.tensor([sum(total) / len(total) if total else 0.0], dtype=torch.float64,
+                         device=device)
     dist.all_reduce(value, group=ps.get_pipeline_model_parallel_group())
     dist.all_reduce(value, group=ps.get_data_parallel_group())
     return float(value) / ps.get_data_parallel_world_size()
@@ -431,62 +454,35 @@ def _argmax_snapshot(model) -> dict[int, torch.Tensor]:
 @torch.no_grad()
 def _mask_statistics(model, previous: dict, state) -> dict:
     """Share of groups whose argmax flipped since the last log; mean max-probability of
-    softmax(kappa * logits / tau) (the noise-free soft index)."""
-    from megatron.core import parallel_state as ps
-
-    sums = torch.zeros(3, dtype=torch.float64)  # flipped, max-prob sum, groups
+    softmax(kappa * logits / tau) (the noise-free soft index). One host sync in all."""
+    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device())  # flips, max-p, groups
     for _, layer in sparse_layers(model):
         if layer.mode != "learn":
             continue
         logits = layer.mask_logits.detach()
         argmax = logits.argmax(-1).to(torch.uint8)
         if id(layer) in previous:
-            sums[0] += float((argmax != previous[id(layer)]).sum())
+            sums[0] += (argmax != previous[id(layer)]).sum()
         probs = torch.softmax(state.kappa * logits / state.tau, dim=-1)
-        sums[1] += float(probs.amax(-1).double().sum())
+        sums[1] += probs.amax(-1).double().sum()
         sums[2] += argmax.numel()
     dist.all_reduce(sums, group=ps.get_model_parallel_group())
-    groups = max(1.0, float(sums[2]))
-    return {"flip_rate": float(sums[0]) / groups, "max_prob": float(sums[1]) / groups}
+    flips, max_prob, groups = sums.tolist()
+    groups = max(1.0, groups)
+    return {"flip_rate": flips / groups, "max_prob": max_prob / groups}
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _param_entries(model) -> dict[int, object]:
-    """parameter id -> its entry (ShardedTensor or factory) in the model's sharded state dict."""
-    from .checkpoint import _walk
-
-    return {id(item.data): item for item in _walk(model.sharded_state_dict())
-            if isinstance(getattr(item, "data", None), torch.nn.Parameter)}
-
-
-def _optimizer_sharded_state(model, optimizer) -> dict:
-    """Adam moments as sharded tensors laid out exactly like their parameters (reshardable).
-
-    Dict keys are ``"{moment}:{index}"`` (index in optimizer order); checkpoint keys follow the
-    parameter's, so stacked layers that share a key keep their own offsets.
-    """
-    entries = _param_entries(model)
-    sharded = {}
-    for index, param in enumerate(optimizer.params()):
-        entry = entries.get(id(param))
-        if entry is None:
-            raise TrainingError("a trained parameter is missing from the sharded state dict")
-        slot = optimizer.state[param]
-        for name in ("exp_avg", "exp_avg_sq"):
-            sharded[f"{name}:{index}"] = _entry_like(entry, f"optimizer.{name}.{entry.key}",
-                                                    slot[name])
-    return sharded
-
-
-def save_checkpoint(model, optimizer, args: TrainArgs, iteration: int) -> Path:
+def save_checkpoint(model, optimizer: ShardedAdamW, scaler, args: TrainArgs,
+                    iteration: int) -> Path:
     """Write ``iter_N`` atomically: a temporary directory renamed into place, then ``latest``.
 
-    Refuses to write non-finite logits. Keeps the newest ``--keep-checkpoints``.
+    The Adam moments are gathered over data parallel and stored laid out like their
+    parameters (megatron's "fully reshardable" format). Refuses to write non-finite logits.
+    Keeps the newest ``--keep-checkpoints``.
     """
-    from megatron.core import dist_checkpointing
-
     for _, layer in sparse_layers(model):
         if layer.mode != "fixed" and not torch.isfinite(layer.mask_logits).all():
             raise TrainingError(f"iteration {iteration}: non-finite mask logits; not saving")
@@ -500,15 +496,20 @@ def save_checkpoint(model, optimizer, args: TrainArgs, iteration: int) -> Path:
             (tmp / part).mkdir(parents=True)
     dist.barrier()
     save_model(model, tmp / "model")
-    dist_checkpointing.save(_optimizer_sharded_state(model, optimizer), str(tmp / "optimizer"))
+    moments = optimizer.gather_moments()
+    dist_checkpointing.save(moment_entries(parameter_entries(model), optimizer.params(), moments),
+                            str(tmp / "optimizer"))
+    del moments
     if rank0:
         (tmp / "train_state.json").write_text(json.dumps({
             "iteration": iteration, "seed": args.seed, "pattern": f"{args.N}:{args.M}",
             "consumed_samples": iteration * args.global_batch_size,
-            "optimizer_steps": [int(optimizer.state[p]["step"]) for p in optimizer.params()],
+            "optimizer_step": optimizer.step_count,
             "optimizer_state": _optimizer_format(args),
+            "loss_scaler": _scaler_state(scaler),
             "tensor_model_parallel_size": args.tensor_model_parallel_size,
-            "pipeline_model_parallel_size": args.pipeline_model_parallel_size}))
+            "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+            "data_parallel_size": ps.get_data_parallel_world_size()}))
         os.replace(tmp, final)
         pointer = root / "latest.tmp"
         pointer.write_text(final.name)
@@ -543,10 +544,8 @@ def model_dir(path: str | Path) -> Path:
     return path
 
 
-def _restore(args: TrainArgs, model, optimizer, pattern: NMPattern) -> int:
+def _restore(args: TrainArgs, model, optimizer: ShardedAdamW, scaler, pattern: NMPattern) -> int:
     """Resume from --save's latest checkpoint, else start from --load / --prior."""
-    from megatron.core import dist_checkpointing
-
     resume = latest_checkpoint(args.save)
     if resume is not None:
         meta = json.loads((resume / "train_state.json").read_text())
@@ -556,20 +555,21 @@ def _restore(args: TrainArgs, model, optimizer, pattern: NMPattern) -> int:
         if meta.get("optimizer_state") != _optimizer_format(args):
             raise TrainingError(f"{resume} holds optimizer state {meta.get('optimizer_state')}; "
                                 f"this run asks for {_optimizer_format(args)}")
-        params = optimizer.params()
-        if len(meta["optimizer_steps"]) != len(params):
-            raise TrainingError(f"{resume} has optimizer state for {len(meta['optimizer_steps'])}"
-                                f" parameters; this run trains {len(params)}")
         load_model(model, resume / "model")
-        sharded = _optimizer_sharded_state(model, optimizer)
-        loaded = dist_checkpointing.load(sharded, str(resume / "optimizer"))
-        for index, param in enumerate(params):
-            slot = optimizer.state[param]
-            for name in ("exp_avg", "exp_avg_sq"):
-                value = loaded[f"{name}:{index}"]
-                if value is not slot[name]:
-                    slot[name].copy_(value)
-            slot["step"] = torch.tensor(float(meta["optimizer_steps"][index]))
+        params = optimizer.params()
+        entries = parameter_entries(model)
+        empty = {id(p): {name: torch.empty(p.shape, dtype=getattr(optimizer.format,
+                                                                 f"{name}_dtype"))
+                         for name in MOMENTS} for p in params}
+        loaded = dist_checkpointing.load(moment_entries(entries, params, empty),
+                                         str(resume / "optimizer"))
+        moments = {id(p): {name: loaded[f"{name}:{index}"] for name in MOMENTS}
+                   for index, p in enumerate(params)}
+        optimizer.load_moments(moments, int(meta["optimizer_step"]))
+        if scaler is not None and meta.get("loss_scaler"):
+            with cuda_literals():
+                scaler.load_state_dict({k: torch.tensor([v]) if k == "scale" else v
+                                        for k, v in meta["loss_scaler"].items()})
         return int(meta["iteration"])
     if args.load:
         load_model(model, model_dir(args.load), missing_masks="keep")
@@ -579,32 +579,14 @@ def _restore(args: TrainArgs, model, optimizer, pattern: NMPattern) -> int:
 
 
 def _optimizer_format(args: TrainArgs) -> dict:
-    return {"main_grads_dtype": args.main_grads_dtype, "exp_avg_dtype": args.exp_avg_dtype,
-            "exp_avg_sq_dtype": args.exp_avg_sq_dtype, "second_moment": args.second_moment,
-            "train_weights": args.train_weights}
+    fmt = state_format(args.main_grads_dtype, args.exp_avg_dtype, args.exp_avg_sq_dtype)
+    return {**fmt.describe(), "train_weights": args.train_weights}
 
 
-def _entry_like(entry, key: str, data: torch.Tensor):
-    """An entry laid out like ``entry`` (a logits entry) for ``data``, whose last axis is the
-    same, of size 1 (per-group Adam moment) or absent (``mask_indices``). The last axis is
-    never sharded, so offsets and fragmentation carry over."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    if not isinstance(entry, ShardedTensor):  # SwiGLU factory: rebuilt from the data's shape
-        return dataclasses.replace(entry, key=key, data=data)
-    if data.shape == entry.data.shape:  # a moment shaped like its parameter (any axis sharded)
-        return dataclasses.replace(entry, key=key, data=data, dtype=data.dtype)
-    if data.dim() == entry.data.dim():
-        last = lambda shape, size: tuple(shape[:-1]) + (size,)  # noqa: E731
-        return dataclasses.replace(
-            entry, key=key, data=data, dtype=data.dtype,
-            local_shape=last(entry.local_shape, data.shape[-1]),
-            global_shape=last(entry.global_shape, data.shape[-1]))
-    return dataclasses.replace(
-        entry, key=key, data=data, dtype=data.dtype, local_shape=entry.local_shape[:-1],
-        global_shape=entry.global_shape[:-1], global_offset=entry.global_offset[:-1],
-        axis_fragmentations=(entry.axis_fragmentations[:-1]
-                             if entry.axis_fragmentations is not None else None))
+def _scaler_state(scaler) -> dict | None:
+    if scaler is None:
+        return None
+    return {k: float(v) if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}
 
 
 @torch.no_grad()
@@ -612,13 +594,8 @@ def apply_prior_checkpoint(model, path: str | Path, strength: float) -> None:
     """Bias the logits towards the hard masks stored in ``path``: fixed masks
     (``mask_indices``, e.g. a trimmed run or a one-shot pruner) or the argmax of another
     run's logits (the paper's downstream transfer). Works at any TP x PP layout."""
-    from megatron.core import dist_checkpointing
-
-    from .layers import LOGITS_INIT_STD
-    from .nm import indices_to_mask
-
     stored = dist_checkpointing.load_tensors_metadata(str(path))
-    entries = _param_entries(model)
+    entries = parameter_entries(model)
     request, kinds = {}, {}
     layers = [layer for _, layer in sparse_layers(model)]
     for index, layer in enumerate(layers):  # dict keys per layer: stacked layers share a key
@@ -628,8 +605,9 @@ def apply_prior_checkpoint(model, path: str | Path, strength: float) -> None:
             request[str(index)] = dataclasses.replace(entry, data=torch.empty_like(entry.data))
             kinds[index] = "logits"
         elif indices_key in stored:
-            request[str(index)] = _entry_like(
-                entry, indices_key, torch.empty(entry.data.shape[:-1], dtype=torch.uint8))
+            request[str(index)] = _indices_entry(
+                entry, indices_key,
+                torch.empty(entry.data.shape[:-1], dtype=torch.uint8, device=entry.data.device))
             kinds[index] = "indices"
         else:
             raise TrainingError(f"prior {path} has no mask for {entry.key}")
@@ -642,14 +620,28 @@ def apply_prior_checkpoint(model, path: str | Path, strength: float) -> None:
                                             pattern, strength, scale=LOGITS_INIT_STD))
 
 
+def _indices_entry(entry, key: str, data: torch.Tensor):
+    """An entry laid out like ``entry`` (a logits entry) for fixed-mask indices, which lack the
+    candidate axis; that axis is never sharded, so offsets and fragmentation carry over."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if not isinstance(entry, ShardedTensor):  # SwiGLU factory: rebuilt from the data's shape
+        return dataclasses.replace(entry, key=key, data=data)
+    return dataclasses.replace(
+        entry, key=key, data=data, dtype=data.dtype, local_shape=entry.local_shape[:-1],
+        global_shape=entry.global_shape[:-1], global_offset=entry.global_offset[:-1],
+        axis_fragmentations=(entry.axis_fragmentations[:-1]
+                             if entry.axis_fragmentations is not None else None))
+
+
 # ----------------------------------------------------------------------------- what users see
 
 
-def memory_table(model, optimizer) -> list[tuple[str, int]]:
+def memory_table(model, optimizer: ShardedAdamW) -> list[tuple[str, float]]:
     """(what, bytes) of this rank's training state; the last row is bytes per prunable weight.
 
-    Trained parameters, their gradient buffers and Adam moments count as training state; the
-    frozen weights are listed but not counted (they are the model, not the training)."""
+    Trained parameters, their gradient buffers, Adam moments and main copies count as training
+    state; the frozen weights are listed but not counted (they are the model)."""
     prunable = frozen = 0
     for _, layer in sparse_layers(model):
         prunable += layer.weight.numel()
@@ -657,21 +649,24 @@ def memory_table(model, optimizer) -> list[tuple[str, int]]:
             frozen += layer.weight.numel() * layer.weight.element_size()
     held = optimizer.state_bytes()
     rows = [("frozen sparse weights", frozen), ("trained parameters", held["param"]),
-            ("gradients (main_grad)", held["main_grad"]), ("Adam exp_avg", held["exp_avg"]),
-            ("Adam exp_avg_sq", held["exp_avg_sq"])]
+            ("gradient buffers (main_grad)", held["main_grad"]),
+            ("Adam exp_avg (this DP slice)", held["exp_avg"]),
+            ("Adam exp_avg_sq (this DP slice)", held["exp_avg_sq"])]
+    if held["main_param"]:
+        rows.append(("fp32 main copies (this DP slice)", held["main_param"]))
     return rows + [("per prunable weight", sum(held.values()) / max(1, prunable))]
 
 
-def _print_memory_table(model, optimizer, args: TrainArgs) -> None:
+def _print_memory_table(model, optimizer: ShardedAdamW, args: TrainArgs) -> None:
     rows = memory_table(model, optimizer)
     fmt = _optimizer_format(args)
-    print(f"training state on rank 0 (mask gradients {fmt['main_grads_dtype']}, exp_avg "
-          f"{fmt['exp_avg_dtype']}, exp_avg_sq {fmt['exp_avg_sq_dtype']} per "
-          f"{fmt['second_moment']})")
+    dp = ps.get_data_parallel_world_size()
+    print(f"training state on rank 0 (gradients {fmt['main_grads_dtype']}, exp_avg "
+          f"{fmt['exp_avg_dtype']}, exp_avg_sq {fmt['exp_avg_sq_dtype']}, sharded over DP {dp})")
     for name, value in rows[:-1]:
-        print(f"  {name:<24} {value / 2**20:10.2f} MiB")
-    print(f"  {'per prunable weight':<24} {rows[-1][1]:10.2f} bytes "
-          "(trained parameters + gradients + Adam state; goal <= 13)")
+        print(f"  {name:<34} {value / 2**20:10.2f} MiB")
+    print(f"  {'per prunable weight':<34} {rows[-1][1]:10.2f} bytes "
+          "(trained parameters + gradients + optimizer state)")
 
 
 class _Logger:

@@ -1,15 +1,29 @@
-"""Test setup: the Triton kernels run on CPU tensors through the interpreter."""
+"""Test setup: without a GPU the Triton kernels run on CPU tensors through the interpreter;
+tests marked ``gpu`` are skipped there (``pytest -m gpu`` on a GPU machine runs them)."""
 
 import os
 
-# Must be set before triton kernels are defined (at import of maskllm_megatron.sampling).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Must be set before triton kernels are defined (at import of maskllm_megatron.sampling); on a
+# GPU machine the kernels are compiled for the device instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json  # noqa: E402
 import random  # noqa: E402
 
 import pytest  # noqa: E402
 from dist_harness import DistributedPool  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

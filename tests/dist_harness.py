@@ -3,7 +3,8 @@
 Starting ranks costs most of a distributed test on CPU (import megatron-core, init gloo: ~15 s
 for 4 ranks on 2 cores), so the pool starts once per pytest session and each call only resets
 megatron's parallel state. Bodies must be module-level functions (pickled by reference); they
-run on every rank with the layout already set and return picklable values.
+run on every rank with the layout already set and return picklable values. Ranks compute on
+the CPU inside the CPU shims (the harness is an entry point), also on a GPU machine.
 """
 
 from __future__ import annotations
@@ -31,8 +32,18 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # several ranks share 2 cores
     from maskllm_megatron import runtime
+    from maskllm_megatron.cpu_shims import cpu_shims
 
-    runtime.init_distributed(1, 1, timeout_s=120)  # a mismatched collective fails in 2 min
+    with cpu_shims():
+        # a mismatched collective fails in 2 min
+        runtime.init_distributed(1, 1, timeout_s=120, device="cpu")
+        _serve(rank, tasks, results)
+        runtime.shutdown()
+
+
+def _serve(rank: int, tasks, results) -> None:
+    from maskllm_megatron import runtime
+
     while True:
         task = tasks.get()
         if task is None:
@@ -43,7 +54,6 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
             results.put((rank, True, fn(*args)))
         except BaseException:  # noqa: BLE001 - reported to the test process
             results.put((rank, False, traceback.format_exc()))
-    runtime.shutdown()
 
 
 class DistributedPool:

@@ -1,141 +1,282 @@
-"""MaskAdamW against float64 references: plain AdamW, per-group second moments, narrow storage."""
+"""ShardedAdamW on megatron's DDP buffers: float64 references at several data-parallel sizes,
+narrow storage, gradient norm and clipping, moments that reshard, bytes per weight; and the
+sampler's fused gradient accumulation under megatron's DDP."""
+
+import math
 
 import pytest
 import torch
-
-from maskllm_megatron import optim
-from maskllm_megatron.optim import FULL, MaskAdamW, StateFormat, mask_state_format
+import torch.nn.functional as F
 
 HYPER = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8)
+SHAPES = [(5, 7, 6), (13,), (4, 4, 6)]
+STEPS = 4
 
 
-def _run(fmt, grads, start, weight_decay=0.0):
-    param = torch.nn.Parameter(start.clone())
-    opt = MaskAdamW([{"params": [param], "format": fmt}], weight_decay=weight_decay, **HYPER)
-    for g in grads:
-        opt.zero_grad()
-        (param * g).sum().backward()  # d/dparam = g, through the main_grad hook
-        opt.step()
-    return param.detach(), opt
+class _Params(torch.nn.Module):
+    """A few trained parameters, as megatron's DDP wants a module with a config."""
+
+    def __init__(self, dtype, seed):
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        super().__init__()
+        self.config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1,
+                                        use_cpu_initialization=True)
+        gen = torch.Generator().manual_seed(seed)
+        self.p = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype))
+            for s in SHAPES)
 
 
-def _reference(grads, start, per_group, weight_decay=0.0):
-    """Adam(W) in float64, written out; per_group shares v across the last axis."""
-    p = start.double().clone()
-    m = torch.zeros_like(p)
-    v = torch.zeros(p.shape[:-1] + (1,) if per_group else p.shape, dtype=torch.float64)
+def _grads(seed, dp_rank, step):
+    gen = torch.Generator().manual_seed(seed * 1000 + step * 10 + dp_rank)
+    return [torch.randn(s, generator=gen, dtype=torch.float64) * (step + 1) for s in SHAPES]
+
+
+def _reference(seed, dp, steps, weight_decay, clip=0.0):
+    """AdamW in float64, written out, on the data-parallel mean gradient; clipped by the norm."""
+    p = [x.double().clone() for x in _Params(torch.float64, seed).p]
+    m = [torch.zeros_like(x) for x in p]
+    v = [torch.zeros_like(x) for x in p]
     (b1, b2), lr, eps = HYPER["betas"], HYPER["lr"], HYPER["eps"]
-    for t, g in enumerate(grads, start=1):
-        g = g.double()
-        p *= 1 - lr * weight_decay
-        m = b1 * m + (1 - b1) * g
-        g2 = g.square().mean(-1, keepdim=True) if per_group else g.square()
-        v = b2 * v + (1 - b2) * g2
-        p -= lr / (1 - b1 ** t) * m / ((v / (1 - b2 ** t)).sqrt() + eps)
-    return p
+    norms = []
+    for t in range(1, steps + 1):
+        grads = [sum(g) / dp for g in zip(*(_grads(seed, r, t) for r in range(dp)),
+                                          strict=True)]
+        norm = math.sqrt(sum(float(g.square().sum()) for g in grads))
+        norms.append(norm)
+        if clip and norm > clip:
+            grads = [g * (clip / (norm + 1e-6)) for g in grads]
+        for i, g in enumerate(grads):
+            p[i] *= 1 - lr * weight_decay
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g.square()
+            p[i] -= lr / (1 - b1 ** t) * m[i] / ((v[i] / (1 - b2 ** t)).sqrt() + eps)
+    return p, m, v, norms
 
 
-@pytest.fixture
-def problem():
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
-    start = torch.randn(5, 7, 6, generator=gen, dtype=torch.float64)
-    grads = [torch.randn(5, 7, 6, generator=gen, dtype=torch.float64) * (i + 1)
-             for i in range(6)]
-    return start, grads
+def _train(seed, dtype, fmt, weight_decay, clip=0.0, steps=STEPS, moments=None):
+    """``steps`` of ShardedAdamW on this rank's gradients; small buckets, so that data-parallel
+    slices cut through parameters. Returns (parameters, gathered moments, norms, slices)."""
+    from megatron.core import parallel_state as ps
+
+    from maskllm_megatron.grads import wrap_model
+    from maskllm_megatron.optim import ShardedAdamW
+
+    dp_rank = ps.get_data_parallel_rank()
+    model = _Params(dtype, seed)
+    chunk = wrap_model(model, fmt.main_grads_dtype, overlap_grad_reduce=True, bucket_size=40)
+    opt = ShardedAdamW([chunk], fmt, weight_decay=weight_decay, **HYPER)
+    if moments is not None:
+        opt.load_moments({id(p): {k: v[i] for k, v in moments.items()}
+                          for i, p in enumerate(model.p)}, step_count=0)
+    norms = []
+    for t in range(1, steps + 1):
+        opt.zero_grad()
+        for param, g in zip(model.p, _grads(seed, dp_rank, t), strict=True):
+            param.main_grad.copy_(g)  # what backward would have accumulated on this rank
+        chunk.finish_grad_sync()  # megatron's reduce-scatter of the mean
+        norms.append(opt.grad_norm())
+        if clip:
+            opt.clip_grads(clip, norms[-1])
+        opt.step()
+    gathered = opt.gather_moments()
+    return ([p.detach().double().clone() for p in model.p],
+            {name: [gathered[id(p)][name].double() for p in model.p]
+             for name in ("exp_avg", "exp_avg_sq")}, norms, len(opt.slices))
 
 
-def test_full_format_in_float64_is_torch_adamw(problem):
-    start, grads = problem
-    got, _ = _run(FULL, grads, start, weight_decay=0.1)
-    ref = torch.nn.Parameter(start.clone())
-    adamw = torch.optim.AdamW([ref], weight_decay=0.1, foreach=False, **HYPER)
-    for g in grads:
-        ref.grad = g.clone()
-        adamw.step()
-    torch.testing.assert_close(got, ref.detach(), rtol=1e-12, atol=1e-12)
+def _f64():
+    """float64 storage everywhere: the update itself is under test."""
+    from maskllm_megatron.optim import StateFormat
+
+    return StateFormat(torch.float64, torch.float64, torch.float64)
 
 
-@pytest.mark.parametrize("per_group", [False, True])
-def test_float64_storage_matches_the_written_out_reference(problem, per_group):
-    start, grads = problem
-    f64 = torch.float64
-    got, opt = _run(StateFormat(f64, f64, f64, per_group), grads, start, weight_decay=0.05)
-    torch.testing.assert_close(got, _reference(grads, start, per_group, 0.05),
-                               rtol=1e-12, atol=1e-12)
-    sq = next(iter(opt.state.values()))["exp_avg_sq"]
-    assert sq.shape == ((5, 7, 1) if per_group else (5, 7, 6))
+def case_float64(seed, weight_decay):
+    from megatron.core import parallel_state as ps
+
+    params, moments, norms, slices = _train(seed, torch.float64, _f64(), weight_decay)
+    return params, moments, norms, slices, ps.get_data_parallel_world_size()
 
 
-def test_bf16_storage_stays_close_to_exact(problem):
-    start, grads = problem
-    exact = _reference(grads, start.float(), per_group=False)
-    got, opt = _run(mask_state_format(), grads, start.float())
-    slot = next(iter(opt.state.values()))
-    assert slot["exp_avg"].dtype == slot["exp_avg_sq"].dtype == torch.bfloat16
-    # six steps of lr 3e-2 move a logit by up to ~0.18; bf16 gradients and exp_avg keep ~3
-    # significant digits of each step
-    assert (got.double() - exact).abs().max() < 2e-3
-    assert (got.double() - start).abs().max() > 0.05  # and the steps did move it
+@pytest.mark.parametrize("tp", [1, 2, 4], ids=["dp4", "dp2", "dp1"])
+def test_sharded_adamw_in_float64_is_adamw_on_the_mean_gradient(dist4, tp):
+    seed = torch.randint(0, 2**20, ()).item()  # fresh inputs each run; printed on failure
+    for rank_result in dist4.run(case_float64, seed, 0.1, tp=tp):
+        params, moments, norms, slices, dp = rank_result
+        want, m, v, want_norms = _reference(seed, dp, STEPS, 0.1)
+        assert slices >= 2, "several buckets, so slices cut through parameters"
+        for got, ref in zip(params, want, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+        for got, ref in zip(moments["exp_avg"] + moments["exp_avg_sq"], m + v, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+        # megatron's get_grad_norm_fp32 returns the norm through an fp32 tensor
+        assert norms == pytest.approx(want_norms, rel=1e-6)
 
 
-def test_chunking_does_not_change_the_result(problem, monkeypatch):
-    start, grads = problem
-    for fmt in (mask_state_format(), mask_state_format(second_moment="group")):
-        monkeypatch.setattr(optim, "_CHUNK", 1 << 22)
-        whole, _ = _run(fmt, grads, start.float())
-        monkeypatch.setattr(optim, "_CHUNK", 13)  # 13 logits, or 2 groups; a ragged tail
-        chunked, _ = _run(fmt, grads, start.float())
-        assert torch.equal(whole, chunked)
+def case_fp32_clipped(seed, clip):
+    from maskllm_megatron.optim import StateFormat
+
+    fmt = StateFormat(torch.float32, torch.float32, torch.float32)
+    return _train(seed, torch.float32, fmt, 0.0, clip=clip)[::2]
 
 
-def test_gradients_accumulate_into_main_grad_only():
-    param = torch.nn.Parameter(torch.randn(3, 4, 6))
-    opt = MaskAdamW([{"params": [param], "format": mask_state_format("fp32")}])
-    g1, g2 = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
-    (param * g1).sum().backward()
-    (param * g2).sum().backward()  # a second micro-batch
-    assert param.grad is None
-    torch.testing.assert_close(param.main_grad, g1 + g2)
-    opt.zero_grad()
-    assert not param.main_grad.any()
+def test_megatron_clipping_by_the_global_norm(dist4):
+    seed = torch.randint(0, 2**20, ()).item()
+    want, _, _, want_norms = _reference(seed, 2, STEPS, 0.0, clip=2.5)
+    assert any(n > 2.5 for n in want_norms)  # clipping is exercised
+    for params, norms in dist4.run(case_fp32_clipped, seed, 2.5, tp=2):
+        assert norms == pytest.approx(want_norms, rel=1e-5)
+        for got, ref in zip(params, want, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
 
 
-def test_the_samplers_fused_accumulation_and_the_hook_give_the_same_main_grad():
-    """The sparse layers hand the sampler ``main_grad`` slices; autograd then still runs the
-    parameter's accumulator (hook) without a gradient, which must add nothing."""
-    from maskllm_megatron.sampling import sample_masked_weight
+def case_bf16_storage(seed):
+    from maskllm_megatron.optim import state_format
 
-    weight = torch.randn(8, 16)
-    start = torch.randn(8, 4, 6) * 0.05
-    results = []
-    for fuse in (True, False):
-        param = torch.nn.Parameter(start.clone())
-        MaskAdamW([{"params": [param], "format": mask_state_format()}])  # bf16 main_grad
-        for key in (1, 2):  # two micro-batches; two row segments like a gated fc1
-            outs = [sample_masked_weight(weight[a:b], param[a:b], "2:4", tau=2.0, kappa=50.0,
-                                         key=key, main_grad=param.main_grad[a:b] if fuse
-                                         else None)[0] for a, b in ((0, 4), (4, 8))]
-            (torch.cat(outs) * torch.linspace(-1, 1, weight.numel()).reshape(8, 16)).sum(
-                ).backward()
-            assert param.grad is None
-        results.append(param.main_grad.clone())
-    assert results[0].abs().sum() > 0 and torch.equal(results[0], results[1])
+    return _train(seed, torch.float32, state_format(), 0.0)[0]
 
 
-@pytest.mark.parametrize("flags,expected", [
-    ((), 15.0),  # the default: fp32 logits, bf16 gradients and moments
-    (("bf16", "bf16", "fp32", "group"), 13.0),
-    (("fp32", "fp32", "fp32", "element"), 24.0),  # plain fp32 AdamW
+def test_bf16_storage_stays_close_to_exact(dist4):
+    seed = torch.randint(0, 2**20, ()).item()
+    want = _reference(seed, 4, STEPS, 0.0)[0]
+    start = [p.detach().double() for p in _Params(torch.float64, seed).p]
+    for got in dist4.run(case_bf16_storage, seed):
+        # four steps of lr 3e-2 move a value by up to ~0.12; bf16 gradients and moments keep
+        # ~3 significant digits of each step
+        assert max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True)) < 2e-3
+        assert max(float((g - s).abs().max()) for g, s in zip(got, start, strict=True)) > 0.05
+
+
+def case_resume_at(seed, moments):
+    return _train(seed, torch.float64, _f64(), 0.0, steps=1, moments=moments)[1]
+
+
+def test_moments_written_at_one_dp_size_load_at_another(dist4):
+    """Moments leave the optimizer laid out like their parameters and come back into any
+    data-parallel slicing: the next step's moments are the reference's."""
+    seed = torch.randint(0, 2**20, ()).item()
+    gen = torch.Generator().manual_seed(seed)
+    start = {name: [torch.rand(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+             for name in ("exp_avg", "exp_avg_sq")}
+    (b1, b2) = HYPER["betas"]
+    for tp in (1, 2):
+        dp = 4 // tp
+        g = [sum(x) / dp for x in zip(*(_grads(seed, r, 1) for r in range(dp)), strict=True)]
+        for got in dist4.run(case_resume_at, seed, start, tp=tp):
+            for i in range(len(SHAPES)):
+                torch.testing.assert_close(got["exp_avg"][i],
+                                           b1 * start["exp_avg"][i] + (1 - b1) * g[i])
+                torch.testing.assert_close(got["exp_avg_sq"][i],
+                                           b2 * start["exp_avg_sq"][i] + (1 - b2) * g[i] ** 2)
+
+
+def case_state_bytes(flags):
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from maskllm_megatron.grads import wrap_model
+    from maskllm_megatron.optim import ShardedAdamW, state_format
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1,
+                                            use_cpu_initialization=True)
+            self.logits = torch.nn.Parameter(torch.zeros(64, 32, 6))  # a 64 x 128 weight
+
+    fmt = state_format(*flags)
+    model = Logits()
+    opt = ShardedAdamW([wrap_model(model, fmt.main_grads_dtype)], fmt)
+    return sum(opt.state_bytes().values()) / (64 * 128), ps.get_data_parallel_world_size()
+
+
+@pytest.mark.parametrize("flags,per_dp", [
+    (("bf16", "bf16", "bf16"), lambda dp: 6 + 3 + 6 / dp),  # the default
+    (("fp32", "fp32", "fp32"), lambda dp: 6 + 6 + 12 / dp),  # fp32 AdamW, sharded
 ])
-def test_bytes_of_state_per_prunable_2_4_weight(flags, expected):
-    out, groups = 16, 32  # a 16 x 128 weight
-    logits = torch.nn.Parameter(torch.zeros(out, groups, 6))
-    opt = MaskAdamW([{"params": [logits], "format": mask_state_format(*flags)}])
-    assert sum(opt.state_bytes().values()) / (out * groups * 4) == expected
+def test_bytes_of_state_per_prunable_2_4_weight(dist4, flags, per_dp):
+    for tp in (1, 4):
+        for got, dp in dist4.run(case_state_bytes, flags, tp=tp):
+            assert got == pytest.approx(per_dp(dp))
+    assert per_dp(8) <= 10 or flags[0] == "fp32"  # the default meets 10 B at DP=8
 
 
 def test_bad_format_flags_are_named():
+    from maskllm_megatron.optim import state_format
+
     with pytest.raises(ValueError, match="--main-grads-dtype"):
-        mask_state_format("fp8")
-    with pytest.raises(ValueError, match="--second-moment"):
-        mask_state_format(second_moment="row")
+        state_format("fp16")  # megatron's gradient clipping takes fp32 or bf16 buffers
+    with pytest.raises(ValueError, match="--exp-avg-sq-dtype"):
+        state_format(exp_avg_sq_dtype="fp8")
+
+
+def case_fused_accumulation_under_ddp():
+    """A gated fc1 and fc2 wrapped in megatron's DDP (overlapped reduce-scatter) over two
+    micro-batches: the sampler adding into main_grad (megatron's dummy-gradient idiom) gives
+    the same reduced gradients as DDP's hook adding the returned gradient, bit for bit."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+
+    from maskllm_megatron.grads import wrap_model
+    from maskllm_megatron.layers import (
+        MaskSettings,
+        SamplingState,
+        SparseColumnParallelLinear,
+        SparseRowParallelLinear,
+    )
+    from maskllm_megatron.nm import NMPattern
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
+                            gated_linear_unit=True, tensor_model_parallel_size=tp,
+                            use_cpu_initialization=True, params_dtype=torch.float32)
+    init = lambda w: torch.nn.init.normal_(w, std=0.5)  # noqa: E731
+
+    class Block(torch.nn.Module):
+        def __init__(self, fuse):
+            super().__init__()
+            self.config = cfg
+            torch.manual_seed(0)
+            settings = MaskSettings(pattern=NMPattern(2, 4), fuse_grad_accumulation=fuse)
+            self.fc1 = SparseColumnParallelLinear(
+                32, 2 * 48, config=cfg, init_method=init, bias=False, gather_output=False,
+                tp_comm_buffer_name="fc1", mask_settings=settings)
+            self.fc2 = SparseRowParallelLinear(
+                48, 32, config=cfg, init_method=init, bias=False, input_is_parallel=True,
+                skip_bias_add=False, tp_comm_buffer_name="fc2", mask_settings=settings)
+            self.state = SamplingState(seed=3, iteration=5, tau=2.0, kappa=60.0,
+                                       dp_rank=ps.get_data_parallel_rank())
+            for layer_id, layer in ((10, self.fc1), (11, self.fc2)):
+                layer.layer_id, layer.sampling = layer_id, self.state
+                layer.init_mask_logits(seed=3, std=0.05)
+
+        def forward(self, x):
+            gate, up = self.fc1(x)[0].chunk(2, dim=-1)
+            return self.fc2(F.silu(gate) * up)[0], self.fc1.mask_reg + self.fc2.mask_reg
+
+    results = []
+    for fuse in (True, False):
+        block = Block(fuse)
+        chunk = wrap_model(block, torch.bfloat16, overlap_grad_reduce=True, bucket_size=500)
+        chunk.zero_grad_buffer()
+        gen = torch.Generator().manual_seed(1 + ps.get_data_parallel_rank())
+        for microbatch in range(2):
+            block.state.microbatch = microbatch
+            context = chunk.no_sync() if microbatch == 0 else torch.enable_grad()
+            with context:
+                y, reg = chunk(torch.randn(6, 2, 32, generator=gen))
+                ((y * torch.randn(y.shape, generator=gen)).sum() + 0.2 * reg).backward()
+            for layer in (block.fc1, block.fc2):
+                assert layer.mask_logits.grad is None  # DDP's hook cleared it
+                assert layer.mask_logits.grad_added_to_main_grad == fuse
+        chunk.finish_grad_sync()
+        results.append([layer.mask_logits.main_grad.clone() for layer in (block.fc1, block.fc2)])
+    for fused, added in zip(*results, strict=True):
+        assert fused.abs().sum() > 0 and torch.equal(fused, added)
+    return True
+
+
+def test_fused_logits_grad_accumulation_under_megatron_ddp(dist4):
+    assert all(dist4.run(case_fused_accumulation_under_ddp, tp=2))

@@ -72,8 +72,18 @@ class BatchLayout:
 
 
 def batch_for(dataset, layout: BatchLayout, iteration: int, microbatch: int,
-              dp_rank: int) -> dict[str, torch.Tensor]:
-    """Stack the micro-batch's samples: tokens, labels, loss_mask, position_ids [b, s]."""
+              dp_rank: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Stack the micro-batch's samples: tokens, labels, loss_mask, position_ids [b, s], on
+    ``device`` (through pinned memory, without blocking, for a GPU)."""
     samples = [dataset[i % len(dataset)] for i in layout.indices(iteration, microbatch, dp_rank)]
     keys = ("tokens", "labels", "loss_mask", "position_ids")
-    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}
+    return to_device(batch, device)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | None
+              ) -> dict[str, torch.Tensor]:
+    """Host tensors onto ``device``: pinned and copied asynchronously for CUDA."""
+    if device is None or device.type == "cpu":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}

@@ -16,6 +16,7 @@ from the key. The weight gets a gradient only when it requires one (joint fine-t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,8 +27,8 @@ from .noise import NoiseKey, ShardGroups
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 
-__all__ = ["BACKENDS", "NoiseKey", "SampleSpec", "ShardGroups", "hard_masked_weight",
-           "sample_masked_weight", "select_backend"]
+__all__ = ["BACKENDS", "NoiseKey", "RowSegment", "SampleSpec", "ShardGroups",
+           "hard_masked_weight", "sample_masked_weight", "select_backend"]
 
 
 @dataclass(frozen=True)
@@ -69,29 +70,56 @@ _IMPLEMENTATIONS = {"triton": triton_kernel, "cpu": cpu_kernel, "torch": torch_p
 class _GumbelMask(torch.autograd.Function):
     """Saves only references to the inputs (no new memory); backward recomputes from the key.
 
-    With a ``main_grad`` buffer, backward adds the logits gradient into it and returns none
-    (megatron's gradient-accumulation fusion): no logits-sized gradient is ever allocated."""
+    ``segments`` are ``(row_start, row_stop, SampleSpec)``: blocks of rows placed apart in the
+    unsharded layer (a gated fc1's gate and up halves), sampled in one autograd node so the
+    logits receive one gradient. With a ``main_grad`` buffer, backward adds the logits gradient
+    into it and returns none (megatron's gradient-accumulation fusion): no logits-sized
+    gradient is allocated. For a parameter that megatron's DDP manages (it carries
+    ``grad_added_to_main_grad``) backward follows megatron's own fused-wgrad idiom instead: it
+    flags the parameter and returns an uninitialised gradient, so DDP's hook runs on the
+    device's autograd thread and skips the addition."""
 
     @staticmethod
-    def forward(ctx, logits, weight, spec, backend, main_grad):
+    def forward(ctx, logits, weight, segments, backend, main_grad):
         impl = _IMPLEMENTATIONS[backend]
-        out, reg = impl.forward(weight, logits, spec)
+        outs, regs = [], []
+        for start, stop, spec in segments:
+            out, reg = impl.forward(weight[start:stop], logits[start:stop], spec)
+            outs.append(out)
+            regs.append(reg)
         ctx.save_for_backward(logits, weight)
-        ctx.spec, ctx.impl, ctx.main_grad = spec, impl, main_grad
-        return out, reg
+        ctx.segments, ctx.impl, ctx.main_grad = segments, impl, main_grad
+        ctx.ddp_param = logits if hasattr(logits, "grad_added_to_main_grad") else None
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), sum(regs)
 
     @staticmethod
     def backward(ctx, grad_out, grad_reg):
         logits, weight = ctx.saved_tensors
         need_logits, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if grad_out is None:
-            grad_out = torch.zeros_like(weight)
         if not need_logits and not need_weight:
             return None, None, None, None, None
+        if grad_out is None:
+            grad_out = torch.zeros_like(weight)
         into = ctx.main_grad if need_logits else None
-        grad_logits, grad_weight = ctx.impl.backward(grad_out, grad_reg, weight, logits,
-                                                     ctx.spec, need_weight, into=into)
-        return (grad_logits if need_logits else None), grad_weight, None, None, None
+        logit_parts, weight_parts = [], []
+        for start, stop, spec in ctx.segments:
+            part_logits, part_weight = ctx.impl.backward(
+                grad_out[start:stop], grad_reg, weight[start:stop], logits[start:stop], spec,
+                need_weight, into=None if into is None else into[start:stop])
+            logit_parts.append(part_logits)
+            weight_parts.append(part_weight)
+        grad_logits = grad_weight = None
+        if need_weight:
+            grad_weight = weight_parts[0] if len(weight_parts) == 1 else torch.cat(weight_parts)
+        if need_logits and into is None:
+            grad_logits = logit_parts[0] if len(logit_parts) == 1 else torch.cat(logit_parts)
+        elif need_logits and ctx.ddp_param is not None:
+            ctx.ddp_param.grad_added_to_main_grad = True
+            grad_logits = torch.empty_like(logits)
+        return grad_logits, grad_weight, None, None, None
+
+
+RowSegment = tuple[int, int, ShardGroups]
 
 
 def sample_masked_weight(
@@ -103,6 +131,7 @@ def sample_masked_weight(
     kappa: float,
     key: NoiseKey | int,
     shard: ShardGroups | None = None,
+    segments: Sequence[RowSegment] | None = None,
     hard: bool = False,
     backend: str = "auto",
     main_grad: torch.Tensor | None = None,
@@ -110,7 +139,8 @@ def sample_masked_weight(
     """Sample a mask and apply it: returns ``(W * mask, sum((W * mask)**2))``.
 
     ``weight`` ``[out, in]`` (frozen unless it requires grad), ``logits`` ``[out, in // M, C]``;
-    ``shard`` places a tensor-parallel shard in the unsharded layer; ``key`` selects the noise.
+    ``shard`` places a tensor-parallel shard in the unsharded layer, or ``segments`` (row start,
+    row stop, placement) place blocks of its rows separately; ``key`` selects the noise.
     ``main_grad``: a contiguous buffer shaped like the logits (fp32, bf16 or fp16) that backward
     adds the logits gradient to, in the same pass, instead of returning it; the result equals
     ``main_grad.add_(grad)`` bit for bit and ``logits.grad`` stays ``None``.
@@ -121,9 +151,19 @@ def sample_masked_weight(
     check_logits(logits, pattern, weight_shape=weight.shape)
     if tau <= 0:
         raise ValueError(f"Gumbel temperature tau must be positive, got {tau}")
+    if shard is not None and segments is not None:
+        raise ValueError("give a shard placement or row segments, not both")
+    rows, gpr = weight.shape[0], logits.shape[1]
+    segments = list(segments) if segments is not None else [(0, rows, shard or ShardGroups())]
+    bounds = [(start, stop) for start, stop, _ in segments]
+    starts = [0] + [stop for _, stop in bounds[:-1]]
+    if [start for start, _ in bounds] != starts or bounds[-1][1] != rows \
+            or any(stop <= start for start, stop in bounds):
+        raise ValueError(f"row segments must tile rows 0..{rows} in order, got {bounds}")
     philox_key = key.philox_key() if isinstance(key, NoiseKey) else int(key)
-    resolved = (shard or ShardGroups()).resolve(weight.shape[0], logits.shape[1])
-    spec = SampleSpec(pattern, float(tau), float(kappa), philox_key, resolved, bool(hard))
+    specs = tuple((start, stop, SampleSpec(pattern, float(tau), float(kappa), philox_key,
+                                           placement.resolve(stop - start, gpr), bool(hard)))
+                  for start, stop, placement in segments)
     if main_grad is not None:
         # float64 buffers only for float64 logits (the reference path); kernels write the rest
         dtypes = (torch.float32, torch.bfloat16, torch.float16) + (
@@ -138,7 +178,7 @@ def sample_masked_weight(
         if main_grad.requires_grad:
             raise ValueError("main_grad is a gradient buffer and must not require grad")
     chosen = select_backend(weight, logits, pattern, backend)
-    return _GumbelMask.apply(logits, weight, spec, chosen, main_grad)
+    return _GumbelMask.apply(logits, weight, specs, chosen, main_grad)
 
 
 def hard_masked_weight(weight: torch.Tensor, logits: torch.Tensor,
