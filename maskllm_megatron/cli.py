@@ -8,27 +8,41 @@ import sys
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    """Versions and which sampler backends this machine can run."""
+    """Versions, the device a run would use, and which optional fast paths this machine has."""
     import platform
 
     import torch
 
     from . import __version__
     from .sampling import cpu_kernel, triton_kernel
+    from .spec import apex_layer_norm, transformer_engine_modules
 
-    try:
-        from importlib.metadata import version
+    def version(name: str) -> str:
+        try:
+            from importlib.metadata import version as dist_version
 
-        mcore = version("megatron-core")
-    except Exception:  # noqa: BLE001 - report, do not fail
-        mcore = "not installed"
+            return dist_version(name)
+        except Exception:  # noqa: BLE001 - report, do not fail
+            return "not installed"
+
+    cuda = torch.cuda.is_available()
+    gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    te = transformer_engine_modules() is not None
     rows = [
         ("maskllm_megatron", __version__),
         ("python", platform.python_version()),
         ("torch", torch.__version__),
-        ("megatron-core", mcore),
-        ("cuda available", str(torch.cuda.is_available())),
-        ("sampler: triton", "yes" if triton_kernel.available() else
+        ("megatron-core", version("megatron-core")),
+        ("device", f"cuda ({torch.cuda.device_count()} x {gpus}), NCCL" if cuda else
+         "cpu (no CUDA), gloo; megatron runs through the CPU shims"),
+        ("transformer engine", (f"yes ({version('transformer-engine')}): norms and fused "
+                                "attention on GPU (--transformer-impl transformer_engine)")
+         if te else "no: local spec (megatron attention, torch or apex norms)"),
+        ("apex", ("yes: fused LayerNorm in the local spec" if apex_layer_norm() else
+                  "no: torch norms in the local spec")
+         + "; Adam is ours either way (narrow state sharded over DP; apex's keeps fp32)"),
+        ("sampler: triton", ("yes, compiled for the GPU" if cuda else "yes, interpreted")
+         if triton_kernel.available() else
          ("no (needs CUDA, or TRITON_INTERPRET=1)" if triton_kernel.triton else "not installed")),
         ("sampler: cpu (C++)", "yes" if cpu_kernel.available() else "no (PyTorch path)"),
     ]

@@ -6,7 +6,9 @@ vocabulary V, at TP t and PP p (the first pipeline stage is the fullest; it is t
 * frozen weights: the stage's L/p layers' linears and norms, bf16 (2 B), divided by t; the
   embedding (V x h / t) on the first stage, the output layer on the last (or the first, tied);
 * mask state per prunable weight of the stage's linears / t: fp32 logits (1.5 x 4 B for 2:4)
-  plus bf16 gradient and two bf16 Adam moments (1.5 x 3 x 2 B) = 15 B (the trainer's default);
+  and their bf16 gradient buffer (1.5 x 2 B), both full on every rank, plus two bf16 Adam
+  moments sharded over data parallel (1.5 x 2 x 2 B / DP): 15 B at DP=1, 9.75 B at DP=8 (the
+  trainer's defaults);
 * masked-weight copies: each linear's ``W * mask`` (bf16) is kept for backward: 2 B per
   prunable weight of the stage;
 * activations (Korthikanti et al. 2022, no recomputation, no sequence parallel):
@@ -36,6 +38,13 @@ class Plan:
     micro_batch_size: int
     rows: dict[str, float]  # bytes per GPU
     gpu_bytes: float
+    prunable: float  # prunable weights on the planned GPU
+
+    @property
+    def state_bytes_per_weight(self) -> float:
+        """Training state (logits, their gradients, Adam moments) per prunable weight."""
+        return sum(v for k, v in self.rows.items()
+                   if k.startswith(("mask logits", "logit gradients", "Adam"))) / self.prunable
 
     @property
     def total(self) -> float:
@@ -79,9 +88,9 @@ def plan_layout(cfg: ModelConfig, tp: int, pp: int, world: int, seq: int, micro_
     rows = {"frozen weights (bf16)": frozen,
             "mask logits (fp32)": prunable * logits_per_weight * 4,
             "logit gradients (bf16)": prunable * logits_per_weight * 2,
-            "Adam state (bf16)": prunable * logits_per_weight * 2 * 2,
+            f"Adam state (bf16, 1/{dp} per rank)": prunable * logits_per_weight * 2 * 2 / dp,
             "masked-weight copies": 2 * prunable, "activations": activations + logits_out}
-    return Plan(tp, pp, dp, micro_batch, rows, gpu_gb * 2**30)
+    return Plan(tp, pp, dp, micro_batch, rows, gpu_gb * 2**30, prunable)
 
 
 def suggest(cfg: ModelConfig, world: int, seq: int, global_batch: int, gpu_gb: float,
@@ -142,4 +151,6 @@ def _print(plan: Plan, name: str) -> None:
         print(f"  {what:<30} {value / 2**30:8.2f} GiB")
     print(f"  {'total':<30} {plan.total / 2**30:8.2f} GiB of {plan.gpu_bytes / 2**30:.0f} GiB "
           f"({'fits' if plan.fits else 'does NOT fit'} with {1 - HEADROOM:.0%} headroom)")
+    print(f"  training state: {plan.state_bytes_per_weight:.2f} bytes per prunable weight "
+          f"(logits, gradients, Adam moments sharded over DP {plan.dp})")
 

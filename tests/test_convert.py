@@ -9,6 +9,8 @@ import torch
 from cli_runner import ENV
 from cli_runner import run_cli as _run
 
+from maskllm_megatron.cpu_shims import cuda_literals
+
 VOCAB = 300  # not a multiple of 128: padding is exercised
 
 
@@ -96,7 +98,7 @@ def case_logits(mcore, tokens):
     model.eval()
     from megatron.core import parallel_state as ps
 
-    with torch.no_grad():
+    with torch.no_grad(), cuda_literals():  # megatron's default causal mask: device="cuda"
         if ps.get_pipeline_model_parallel_world_size() == 1:
             logits = model(tokens, torch.arange(tokens.shape[1])[None], None)
         else:  # send the hidden states through the stages by hand

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from maskllm_megatron.cpu_shims import cuda_literals
+
 SEQ, MBS, VOCAB, MICROBATCHES = 16, 2, 128, 4
 
 
@@ -68,9 +70,10 @@ def _train_step(model, state):
 
         return output, loss_func
 
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(_batches()), model=[model],
-        num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
+    with cuda_literals():  # megatron's schedules write device="cuda"
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(_batches()), model=[model],
+            num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
     mean = float(torch.stack([d["lm"] for d in losses]).mean()) if losses else None
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mean)
@@ -122,7 +125,7 @@ def case_hard_equals_dense():
     tokens = _batches()[0]
     position_ids, causal = _inputs()
     set_mask_mode(model, "hard")
-    with torch.no_grad():
+    with torch.no_grad(), cuda_literals():
         hard = model(tokens, position_ids, causal)
         for _, layer in sparse_layers(model):
             mask = hard_mask_from_logits(layer.mask_logits, layer.mask_settings.pattern)

@@ -31,19 +31,22 @@ def test_plan_llama2_7b_on_64_gpus_matches_the_hand_computation(capsys, monkeypa
     per_layer = 12288 * 4096 + 4096 * 4096 + 2 * 11008 * 4096 + 4096 * 11008
     assert per_layer == 202_375_168
     prunable = 32 * per_layer // 8  # TP 8: 809,500,672 per GPU
-    mask_state = prunable * 15  # fp32 logits 1.5 x 4, bf16 grad + 2 moments 1.5 x 6
+    # fp32 logits 1.5 x 4 and bf16 gradients 1.5 x 2 on every rank, two bf16 moments
+    # 1.5 x 4 sharded over DP 8
+    mask_state = prunable * (6 + 3 + 6 / 8)
     copies = prunable * 2
     frozen = 2 * (prunable + 32 * 4 * 4096 + 2 * 32000 * 4096 // 8)  # + embedding and head
     act = 4096 * 4096 * (10 + 24 / 8 + 5 * 32 * 4096 / (4096 * 8)) * 32  # 33 per element
     act += 4 * 4096 * 32000 / 8  # fp32 logits
     want = (frozen + mask_state + copies + act) / GIB
-    assert want == pytest.approx(30.95, abs=0.01)
+    assert want == pytest.approx(26.99, abs=0.01)
     assert code == 0 and "TP 8 x PP 1 x DP 8" in out and "fits" in out
     assert _total(out) == pytest.approx(want, abs=0.006)
     for what, value in (("mask logits (fp32)", prunable * 6), ("logit gradients (bf16)",
-                        prunable * 3), ("Adam state (bf16)", prunable * 6),
+                        prunable * 3), ("Adam state (bf16, 1/8 per rank)", prunable * 0.75),
                         ("masked-weight copies", copies)):
         assert re.search(re.escape(what) + rf"\s+{value / GIB:.2f} GiB", out), what
+    assert "training state: 9.75 bytes per prunable weight" in out  # at most 10 at DP 8
 
 
 def test_plan_nemotron_15b_with_pipeline_parallelism(capsys, monkeypatch):
@@ -54,8 +57,8 @@ def test_plan_nemotron_15b_with_pipeline_parallelism(capsys, monkeypatch):
     frozen = 2 * (prunable + 16 * 4 * 6144 + 256000 * 6144 // 8)  # embedding only (stage 0)
     # 1F1B keeps min(PP, micro-batches) = 2 micro-batches in flight on the first stage
     act = 4096 * 6144 * (10 + 24 / 8 + 5 * 48 * 4096 / (6144 * 8)) * 16 * 2
-    want = (frozen + 17 * prunable + act) / GIB
-    assert want == pytest.approx(38.92, abs=0.01)
+    want = (frozen + (6 + 3 + 6 / 4 + 2) * prunable + act) / GIB  # DP 4 shards the moments
+    assert want == pytest.approx(35.65, abs=0.01)
     assert code == 0 and "TP 8 x PP 2 x DP 4" in out
     assert _total(out) == pytest.approx(want, abs=0.006)
 

@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 
+from maskllm_megatron.cpu_shims import cuda_literals
+
 SEQ, VOCAB, CALIB = 16, 128, 8
 TRUE_VOCAB = 100  # rows 100..127 play a converted model's vocabulary padding
 
 
-def _build(mode="fixed"):
+def _build(mode="fixed", sequence_parallel=False):
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -23,7 +25,8 @@ def _build(mode="fixed"):
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         pipeline_dtype=torch.float32, use_cpu_initialization=True, hidden_dropout=0.0,
-        attention_dropout=0.0, batch_p2p_comm=False, add_bias_linear=True)
+        attention_dropout=0.0, batch_p2p_comm=False, add_bias_linear=True,
+        sequence_parallel=sequence_parallel)
     torch.manual_seed(0)
     model = build_gpt_model(config, VOCAB, SEQ, MaskSettings(mode=mode))
     attach_sampling(model, SamplingState(), init_logits=False)
@@ -46,7 +49,7 @@ def case_save_dense(path):
     save_model(_build(mode="dense"), path)
 
 
-def case_prune(path, method, hessian):
+def case_prune(path, method, hessian, sequence_parallel=False):
     import torch.distributed as dist
 
     from maskllm_megatron.checkpoint import global_tensors, load_model
@@ -55,7 +58,7 @@ def case_prune(path, method, hessian):
     from maskllm_megatron.prune import prune_model
     from maskllm_megatron.runtime import current_layout
 
-    model = _build()
+    model = _build(sequence_parallel=sequence_parallel)
     load_model(model, path, missing_masks="keep")
     layout = current_layout()
     batches = BatchLayout(2, CALIB, layout.dp)
@@ -79,14 +82,14 @@ def test_pruning_is_the_same_at_every_layout(dist4, tmp_path, method):
     for key, value in ref.items():
         if "linear_" in key and key.endswith(".weight"):
             assert all(is_nm_sparse(value[layer], NMPattern(2, 4)) for layer in range(2)), key
-    for tp, pp in ((2, 1), (1, 2), (2, 2)):
-        got = dist4.run(case_prune, path, method, "gather", tp=tp, pp=pp)[0]
+    for tp, pp, sp in ((2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)):
+        got = dist4.run(case_prune, path, method, "gather", sp, tp=tp, pp=pp)[0]
         for key, want in ref.items():
             if key.endswith("mask_indices"):
-                assert torch.equal(got[key], want), f"{key} at TP={tp} PP={pp}"
+                assert torch.equal(got[key], want), f"{key} at TP={tp} PP={pp} SP={sp}"
             else:
                 torch.testing.assert_close(got[key], want, rtol=1e-4, atol=1e-5,
-                                           msg=f"{key} at TP={tp} PP={pp}")
+                                           msg=f"{key} at TP={tp} PP={pp} SP={sp}")
     if method == "sparsegpt":
         # per-shard Hessians: the first block's column-parallel layers (same inputs, rows
         # independent) stay exact, its row-parallel layers change; later blocks then see
@@ -100,11 +103,11 @@ def test_pruning_is_the_same_at_every_layout(dist4, tmp_path, method):
                                     NMPattern(2, 4)) for layer in range(2))
 
 
-def case_perplexity(path, tokens, seq_length):
+def case_perplexity(path, tokens, seq_length, sequence_parallel=False):
     from maskllm_megatron.checkpoint import load_model
     from maskllm_megatron.evaluate import perplexity
 
-    model = _build(mode="dense")
+    model = _build(mode="dense", sequence_parallel=sequence_parallel)
     load_model(model, path, missing_masks="keep")
     return perplexity(model, tokens, seq_length, micro_batch_size=2, true_vocab_size=TRUE_VOCAB)
 
@@ -117,7 +120,7 @@ def case_reference_nll(path, tokens, seq_length):
     load_model(model, path, missing_masks="keep")
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), cuda_literals():  # megatron's default causal mask: device="cuda"
         for start in range(0, len(tokens), seq_length):
             window = tokens[start:start + seq_length]
             if len(window) < 2:
@@ -139,6 +142,7 @@ def test_perplexity_protocol_and_layouts(dist4, tmp_path):
     assert ref["tokens"] == count and ref["windows"] == 6
     assert ref["loss"] == pytest.approx(total / count, rel=1e-6)
     assert ref["ppl"] == pytest.approx(math.exp(total / count), rel=1e-6)
-    for tp, pp in ((2, 1), (1, 2), (2, 2)):
-        got = dist4.run(case_perplexity, path, tokens, SEQ, tp=tp, pp=pp)
-        assert all(g["loss"] == pytest.approx(ref["loss"], rel=1e-5) for g in got), (tp, pp)
+    for tp, pp, sp in ((2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True), (4, 1, True)):
+        got = dist4.run(case_perplexity, path, tokens, SEQ, sp, tp=tp, pp=pp)
+        assert all(g["loss"] == pytest.approx(ref["loss"], rel=1e-5) for g in got), (tp, pp, sp)
+        assert all(g["tokens"] == count for g in got)  # sequence-parallel padding not counted

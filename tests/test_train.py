@@ -213,3 +213,16 @@ def test_train_weights_with_masks_off_is_dense_pretraining(corpus, tmp_path, tp)
     assert losses[-1] < losses[0]
     validation = [r["val_loss"] for r in _log(save) if "val_loss" in r]
     assert len(validation) == 1 and 0 < validation[0] < 2 * losses[0]  # held-out split
+
+
+def test_sequence_parallel_training_equals_the_run_without_it(corpus, tmp_path):
+    start = tmp_path / "start"  # both runs start from the same weights
+    _run([sys.executable, "-c", MAKE_CHECKPOINT, str(corpus / "model"), str(start), "ok"])
+    load = ["--load", str(start)]
+    _run(_command(corpus, tmp_path / "tp2", tp=2, iters=2, extra=load))
+    _run(_command(corpus, tmp_path / "sp", tp=2, iters=2, extra=[*load, "--sequence-parallel"]))
+    plain, split = _log(tmp_path / "tp2"), _log(tmp_path / "sp")
+    assert len(plain) == len(split) == 2
+    for a, b in zip(plain, split, strict=True):  # same samples, reductions in another order
+        for key in ("loss", "reg", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
