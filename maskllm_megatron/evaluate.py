@@ -128,15 +128,11 @@ def perplexity(model, tokens: torch.Tensor, seq_length: int, micro_batch_size: i
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # nll, predicted tokens
     for batch in tqdm(batches, desc="perplexity", disable=not progress):
         length = batch.shape[1]
-        predicted = torch.zeros(batch.shape, dtype=torch.float64)
-        predicted[:, :length - 1] = 1  # the last position would predict the next window
         padded = -(-length // multiple) * multiple
-        if padded != length:
-            batch = torch.nn.functional.pad(batch, (0, padded - length))
-            predicted = torch.nn.functional.pad(predicted, (0, padded - length))
-        predicted = predicted.to(device, non_blocking=True)
-        sums[0] += _window_nll(model, batch.long().to(device, non_blocking=True), predicted,
-                               true_vocab_size)
+        batch = torch.nn.functional.pad(batch.long(), (0, padded - length)).to(device)
+        predicted = torch.zeros(batch.shape, dtype=torch.float64, device=device)
+        predicted[:, :length - 1] = 1  # the last position would predict the next window
+        sums[0] += _window_nll(model, batch, predicted, true_vocab_size)
         sums[1] += predicted.sum()
     if not ps.is_pipeline_last_stage():
         sums[0] = 0  # losses exist on the last stage only

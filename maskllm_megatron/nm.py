@@ -61,8 +61,11 @@ class NMPattern:
         return 1.0 - self.n / self.m
 
     def candidates(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-        """``[C, M]`` 0/1 table, row ``c`` is candidate ``c`` (lexicographic by kept positions)."""
-        return _candidate_table(self.n, self.m).to(dtype=dtype, device=device)
+        """``[C, M]`` 0/1 table, row ``c`` is candidate ``c`` (lexicographic by kept positions).
+
+        Cached per dtype and device (do not modify it): the samplers ask for it every
+        micro-batch, and a host-to-device copy there would stall the GPU stream."""
+        return _candidate_table_on(self.n, self.m, dtype, torch.device(device or "cpu"))
 
     def candidate_positions(self) -> torch.Tensor:
         """``[C, N]`` int64 kept positions of each candidate, ascending."""
@@ -72,6 +75,11 @@ class NMPattern:
 @functools.cache
 def _candidate_positions(n: int, m: int) -> torch.Tensor:
     return torch.tensor(list(itertools.combinations(range(m), n)), dtype=torch.int64)
+
+
+@functools.cache
+def _candidate_table_on(n: int, m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _candidate_table(n, m).to(dtype=dtype, device=device)
 
 
 @functools.cache

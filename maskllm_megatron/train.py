@@ -118,6 +118,7 @@ class TrainArgs:
     load: str | None = None
     save: str | None = None
     save_interval: int | None = None
+    exit_interval: int | None = None  # save and stop after this many iterations (SLURM limits)
     keep_checkpoints: int = 2
     eval_interval: int | None = None
     eval_iters: int = 10
@@ -300,9 +301,12 @@ def train(args: TrainArgs) -> dict:
             metrics["val_loss"] = evaluate(chunk, state, valid_ds, batches, seq_length,
                                            args.eval_iters)
         logger.log(metrics)
-        if args.save and (step == args.train_iters or
+        leaving = bool(args.exit_interval) and step % args.exit_interval == 0
+        if args.save and (step == args.train_iters or leaving or
                           (args.save_interval and step % args.save_interval == 0)):
             save_checkpoint(model, optimizer, scaler, args, step)
+        if leaving:
+            break
     logger.close()
     return metrics
 
@@ -661,8 +665,9 @@ def _print_memory_table(model, optimizer: ShardedAdamW, args: TrainArgs) -> None
     rows = memory_table(model, optimizer)
     fmt = _optimizer_format(args)
     dp = ps.get_data_parallel_world_size()
-    print(f"training state on rank 0 (gradients {fmt['main_grads_dtype']}, exp_avg "
-          f"{fmt['exp_avg_dtype']}, exp_avg_sq {fmt['exp_avg_sq_dtype']}, sharded over DP {dp})")
+    print(f"training state of rank 0 on {runtime.device()} (gradients "
+          f"{fmt['main_grads_dtype']}, exp_avg {fmt['exp_avg_dtype']}, exp_avg_sq "
+          f"{fmt['exp_avg_sq_dtype']}, sharded over DP {dp})")
     for name, value in rows[:-1]:
         print(f"  {name:<34} {value / 2**20:10.2f} MiB")
     print(f"  {'per prunable weight':<34} {rows[-1][1]:10.2f} bytes "

@@ -192,7 +192,9 @@ import sys, torch
 from pathlib import Path
 from safetensors.torch import load_file
 from maskllm_megatron import convert
-convert.mcore_to_hf(sys.argv[1], sys.argv[2], max_shard_bytes=20000, progress=False)
+from maskllm_megatron.cpu_shims import cpu_shims
+with cpu_shims():
+    convert.mcore_to_hf(sys.argv[1], sys.argv[2], max_shard_bytes=20000, progress=False)
 reader = convert._HFReader(Path(sys.argv[2]))
 want = load_file(sys.argv[3])
 assert len(set(reader.where.values())) > 1, "expected several shards"

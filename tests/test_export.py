@@ -22,13 +22,16 @@ P24 = NMPattern(2, 4)
 EXPORTS = """
 import sys
 from maskllm_megatron import export
+from maskllm_megatron.cpu_shims import cpu_shims
 load, out = sys.argv[1], sys.argv[2]
-loaded = export._load(load)
-for tp, pp in ((1, 1), (2, 1), (2, 2)):
-    export.export_trtllm(load, f"{out}/trt-{tp}-{pp}", tp, pp, "float32", _loaded=loaded,
+with cpu_shims():
+    loaded = export._load(load)
+    for tp, pp in ((1, 1), (2, 1), (2, 2)):
+        export.export_trtllm(load, f"{out}/trt-{tp}-{pp}", tp, pp, "float32", _loaded=loaded,
+                             progress=False)
+    export.export_trtllm(load, f"{out}/trt-bf16", 2, 1, "bfloat16", _loaded=loaded,
                          progress=False)
-export.export_trtllm(load, f"{out}/trt-bf16", 2, 1, "bfloat16", _loaded=loaded, progress=False)
-export.export_hf(load, f"{out}/hf", progress=False)
+    export.export_hf(load, f"{out}/hf", progress=False)
 """
 
 

@@ -226,3 +226,35 @@ def test_sequence_parallel_training_equals_the_run_without_it(corpus, tmp_path):
     for a, b in zip(plain, split, strict=True):  # same samples, reductions in another order
         for key in ("loss", "reg", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+
+def test_bf16_weights_train_and_their_checkpoint_exports_in_fp32(corpus, tmp_path):
+    """What a GPU run writes (bf16 frozen weights) trims and exports on the CPU in fp32."""
+    from maskllm_megatron.validate import validate_trtllm
+
+    save = tmp_path / "run"
+    proc = _run(_command(corpus, save, iters=2, extra=["--bf16"]))
+    assert "on cpu" in proc.stdout
+    tensors = _plain_tensors(save / "iter_0000002" / "model")
+    fc1 = next(k for k in tensors if k.endswith("linear_fc1.weight"))
+    assert tensors[fc1].dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for k, v in tensors.items() if k.endswith("logits"))
+    cli = [sys.executable, "-m", "maskllm_megatron.cli"]
+    _run([*cli, "trim", str(save), "--out", str(tmp_path / "trimmed")])
+    _run([*cli, "export", "trtllm", "--load", str(tmp_path / "trimmed"), "--out",
+          str(tmp_path / "trt"), "--dtype", "float32", "--no-progress"])
+    assert validate_trtllm(tmp_path / "trt").ok
+
+
+def test_fp16_uses_megatron_loss_scaling_and_resumes_exactly(corpus, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    extra = ["--fp16", "--save-interval", "2"]
+    _run(_command(corpus, straight, iters=4, extra=extra))
+    _run(_command(corpus, stopped, iters=4, extra=[*extra, "--exit-interval", "2"]))
+    assert (stopped / "latest").read_text() == "iter_0000002"
+    state = json.loads((stopped / "iter_0000002" / "train_state.json").read_text())
+    assert state["loss_scaler"]["scale"] == 2.0**16  # megatron's dynamic scaler, saved
+    _run(_command(corpus, stopped, iters=4, extra=extra))
+    assert [r["loss"] for r in _log(stopped)] == [r["loss"] for r in _log(straight)]
+    want, got = _final_logits(straight, 4), _final_logits(stopped, 4)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
