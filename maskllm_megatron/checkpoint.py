@@ -131,6 +131,11 @@ def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
                          "mask learning from a dense checkpoint")
     if missing:
         sharded = _drop_keys(sharded, set(missing))
+    # modules' ``_extra_state`` (TE's fp8 metadata, None for megatron's local modules) is not
+    # requested: a checkpoint written with one transformer implementation (TE on a GPU, local
+    # on the CPU) then loads into the other, and no mask-learning run uses fp8
+    sharded = _drop_keys(sharded, {str(getattr(item, "key", "")) for item in _walk(sharded)
+                                   if str(getattr(item, "key", "")).endswith("_extra_state")})
     state = dist_checkpointing.load(sharded, str(path))
     result = model.load_state_dict(state, strict=False)
     unexpected = list(result.unexpected_keys)

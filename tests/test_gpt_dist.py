@@ -158,9 +158,20 @@ def case_save_trained(path, fixed):
 
 
 def case_load(path, fixed):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
     from maskllm_megatron.checkpoint import global_tensors, load_model
 
     model, _ = _build(glu=True, query_groups=4, mode="fixed" if fixed else "learn", seed=5)
+    own = model.sharded_state_dict
+
+    def with_te_extra_state(*args, **kwargs):  # what TE's attention adds (fp8 metadata)
+        sharded = own(*args, **kwargs)
+        key = "decoder.layers.self_attention.core_attention._extra_state"
+        sharded[key] = ShardedObject(key, None, (1,), (0,), replica_id=0)
+        return sharded
+
+    model.sharded_state_dict = with_te_extra_state  # a checkpoint without it still loads
     load_model(model, path)
     return global_tensors(model, suffixes=(".mask_logits", ".mask_indices", ".weight"))
 
