@@ -271,26 +271,23 @@ def train(args: TrainArgs) -> dict:
         optimizer.zero_grad()
         loss, reg = _forward_backward(chunk, state, train_ds, batches, iteration, seq_length,
                                       reg_weight, layout.device)
-        scheduler.step(1)  # every iteration, taken or refused: the lr is a function of it
-        if scaler is not None and not _unscale(optimizer, scaler):
-            logger.note(f"iteration {iteration}: fp16 gradients overflowed; loss scale now "
-                        f"{float(scaler.scale):g}, step skipped")
-            continue
-        grad_norm = optimizer.grad_norm()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        refusal, grad_norm = _check_step(optimizer, scaler, loss)
+        if refusal is None:
+            if args.clip_grad > 0:
+                optimizer.clip_grads(args.clip_grad, grad_norm)
+            optimizer.step()
+        scheduler.step(1)  # the next iteration's lr, whether this step was taken or refused
+        if refusal is not None:
+            if refusal.startswith("fp16"):
+                logger.note(f"iteration {iteration}: {refusal}")
+                continue
             skipped += 1
-            what = "loss" if not math.isfinite(loss) else "gradient"
-            message = (f"iteration {iteration}: non-finite {what} (loss={loss}, "
-                       f"grad norm={grad_norm}); step refused")
             if skipped > args.skip_nonfinite_steps:
                 logger.close()
-                raise TrainingError(message + f"; {skipped} such steps exceed "
-                                    f"--skip-nonfinite-steps={args.skip_nonfinite_steps}")
-            logger.note(message)
+                raise TrainingError(f"iteration {iteration}: {refusal}; {skipped} such steps "
+                                    f"exceed --skip-nonfinite-steps={args.skip_nonfinite_steps}")
+            logger.note(f"iteration {iteration}: {refusal}")
             continue
-        if args.clip_grad > 0:
-            optimizer.clip_grads(args.clip_grad, grad_norm)
-        optimizer.step()
         step = iteration + 1
         metrics = dict(iteration=step, loss=loss, reg=reg, lr=lr, tau=state.tau,
                        kappa=state.kappa, grad_norm=grad_norm, skipped=skipped)
@@ -370,15 +367,28 @@ def _grad_scaler(args: TrainArgs, config):
     return scaler
 
 
-def _unscale(optimizer: ShardedAdamW, scaler) -> bool:
-    """Undo the fp16 loss scale in the gradients; False (and a smaller scale) on overflow."""
-    inverse = float(scaler.inv_scale)
-    for s in optimizer.slices:
-        s.decoupled_grad.mul_(inverse)
-    found_inf = not math.isfinite(optimizer.grad_norm())
-    with cuda_literals():
-        scaler.update(found_inf)
-    return not found_inf
+def _check_step(optimizer: ShardedAdamW, scaler, loss: float) -> tuple[str | None, float]:
+    """``(why the step must not be taken or None, gradient norm)``, the same on every rank.
+
+    fp16: undo the loss scale; an overflow lowers the scale and skips the step (megatron's
+    rule). Otherwise a non-finite loss or gradient refuses it."""
+    if scaler is not None:
+        inverse = float(scaler.inv_scale)
+        for s in optimizer.slices:
+            s.decoupled_grad.mul_(inverse)
+    grad_norm = optimizer.grad_norm()
+    if scaler is not None:
+        overflow = not math.isfinite(grad_norm)
+        with cuda_literals():
+            scaler.update(overflow)
+        if overflow:
+            return (f"fp16 gradients overflowed; loss scale now {float(scaler.scale):g}, "
+                    "step skipped"), grad_norm
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        what = "loss" if not math.isfinite(loss) else "gradient"
+        return (f"non-finite {what} (loss={loss}, grad norm={grad_norm}); step refused",
+                grad_norm)
+    return None, grad_norm
 
 
 # ----------------------------------------------------------------------------- one step

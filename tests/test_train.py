@@ -258,3 +258,17 @@ def test_fp16_uses_megatron_loss_scaling_and_resumes_exactly(corpus, tmp_path):
     assert [r["loss"] for r in _log(stopped)] == [r["loss"] for r in _log(straight)]
     want, got = _final_logits(straight, 4), _final_logits(stopped, 4)
     assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_each_step_runs_at_its_scheduled_learning_rate(corpus, tmp_path):
+    """Adam's first step moves every logit with a gradient by the learning rate itself, so the
+    step taken at iteration 0 shows which rate it used (megatron's scheduler, step 0)."""
+    start, save = tmp_path / "start", tmp_path / "run"
+    _run([sys.executable, "-c", MAKE_CHECKPOINT, str(corpus / "model"), str(start), "ok"])
+    _run(_command(corpus, save, iters=2, extra=["--load", str(start), "--lr", "1e-3",
+                                                 "--min-lr", "1e-5", "--clip-grad", "0"]))
+    assert [r["lr"] for r in _log(save)] == pytest.approx([1e-3, 1e-5 + 0.5 * (1e-3 - 1e-5)])
+    before, after = _plain_tensors(start), _final_logits(save, 1)
+    for key, value in after.items():
+        moved = (value - before[key]).abs()
+        assert float(moved.max()) == pytest.approx(1e-3, rel=1e-3), key

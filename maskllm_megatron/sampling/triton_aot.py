@@ -11,15 +11,17 @@ checks both without a GPU:
   ``JITFunction.run`` does, giving the kernel-cache key a launch would compile under. Calls
   that share a key share one compiled kernel (:func:`variants`);
 * :func:`compile_all` compiles each variant for a GPU architecture with ``triton.compile``
-  (the bundled ``ptxas``, no driver) in worker processes, and reads registers, stack, spill
-  instructions and shared memory from the cubin with the bundled ``cuobjdump``.
+  (the bundled ``ptxas``, no driver) in worker processes outside the interpreter, and reads
+  registers and stack bytes (where spills go) from the cubin with the bundled ``cuobjdump``,
+  shared memory from Triton's metadata; :func:`occupancy` turns them into resident warps.
 
 Triton is optional: without it :data:`AVAILABLE` is false and nothing here can run.
-``python -m maskllm_megatron.sampling.triton_aot --worker`` is the worker (JSON lines in/out).
+``python -m maskllm_megatron.sampling.triton_aot`` is the worker (JSON lines in and out).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -115,6 +117,7 @@ def launch(call: Call, *, key: int = 0, rows: int = 1, groups: int = 1,
     return kernel, args, tk.launch_config(pattern, interpret=False)
 
 
+@functools.cache
 def jit_function(kernel):
     """The ``JITFunction`` of a kernel (rebuilt from its source under the interpreter)."""
     from triton.runtime.jit import JITFunction
@@ -148,10 +151,10 @@ def variant_key(kernel, args, meta, arch: int = 90) -> str:
     return compute_cache_key({}, specialization, options)
 
 
-def variants(selection: list[Call] | None = None) -> dict[tuple[str, str], list[Call]]:
+def variants() -> dict[tuple[str, str], list[Call]]:
     """Calls grouped by the compiled variant they launch: ``{(kernel, key): [calls]}``."""
     groups: dict[tuple[str, str], list[Call]] = {}
-    for call in calls() if selection is None else selection:
+    for call in calls():
         kernel, args, meta = launch(call)
         groups.setdefault((call.kernel, variant_key(kernel, args, meta)), []).append(call)
     return groups
@@ -168,18 +171,17 @@ def occupancy(registers: int, shared: int, num_warps: int, arch: int) -> float:
 
 
 def _resource_usage(cubin: bytes) -> dict:
-    """Registers, stack and local bytes, spill instructions (``LDL``/``STL``) of a cubin."""
+    """Registers per thread and stack / local bytes per thread of a cubin (``cuobjdump``).
+    Spilled registers live in the stack frame: no stack, no spills."""
     from triton import knobs
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        text = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", "-sass", str(path)],
+        text = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", str(path)],
                               check=True, capture_output=True, text=True).stdout
-    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
-    spills = re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(LDL|STL)\b", text, re.M)
-    return dict(registers=int(usage[1]), stack=int(usage[2]), local=int(usage[4]),
-                spill_loads=spills.count("LDL"), spill_stores=spills.count("STL"))
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+    return dict(registers=int(usage[1]), stack=int(usage[2]), local=int(usage[3]))
 
 
 def compile_variant(call: Call, arch: int) -> dict:
@@ -202,7 +204,7 @@ def compile_variant(call: Call, arch: int) -> dict:
     shared = compiled.metadata.shared
     warps = compiled.metadata.num_warps
     return dict(usage, arch=arch, block=meta["BLOCK"], num_warps=warps, shared=shared,
-                spills=usage["spill_loads"] + usage["spill_stores"] + usage["stack"],
+                spills=usage["stack"] + usage["local"],
                 occupancy=occupancy(usage["registers"], shared, warps, arch))
 
 
@@ -213,18 +215,18 @@ def _worker_env() -> dict:
     return env
 
 
-def compile_all(archs=ARCHS, jobs: int | None = None, selection: list[Call] | None = None,
-                ) -> list[dict]:
-    """Compile every variant the selected calls (default: all) launch, for every arch.
+def compile_all(archs=ARCHS, jobs: int | None = None) -> list[dict]:
+    """Compile every variant the launcher's configurations launch, for every arch.
 
-    One record per (variant, arch): the resource usage plus ``kernel``, ``pattern``, ``dtype``
-    and ``calls`` (the modes served). Compiles run in ``jobs`` worker processes (default: the
-    CPU count) outside the interpreter; Triton's on-disk cache makes repeated runs cheap."""
+    One record per (variant, arch): the resource usage, occupancy, ``kernel``, ``pattern``,
+    weight ``dtype``, and the modes the variant serves (``mode`` in short, ``calls``).
+    Compiles run in ``jobs`` worker processes (default: the CPU count) outside the
+    interpreter; Triton's on-disk cache makes repeated runs cheap."""
     if not AVAILABLE:
         raise RuntimeError("triton is not installed")
-    groups = list(variants(selection).items())
+    groups = list(variants().items())
     tasks = queue.Queue()
-    for index, (_, members) in sorted(enumerate(groups), key=lambda item: -_cost(item[1][1][0])):
+    for index, (_, members) in enumerate(groups):
         for arch in archs:
             tasks.put((index, arch, members[0]))
     results: dict[tuple[int, int], dict] = {}
@@ -232,7 +234,7 @@ def compile_all(archs=ARCHS, jobs: int | None = None, selection: list[Call] | No
 
     def serve():
         with tempfile.TemporaryFile("w+") as log:
-            worker = subprocess.Popen([sys.executable, "-m", __name__, "--worker"],
+            worker = subprocess.Popen([sys.executable, "-m", __name__],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                       text=True, env=_worker_env())
             while True:
@@ -263,18 +265,24 @@ def compile_all(archs=ARCHS, jobs: int | None = None, selection: list[Call] | No
         for arch in archs:
             first = members[0]
             records.append(dict(results[index, arch], kernel=kernel, pattern=first.pattern,
-                                dtype=first.dtype, main_grad=first.main_grad,
+                                dtype=first.dtype, mode=summary(members),
                                 calls=[m.mode for m in members]))
     return records
 
 
-def _cost(call: Call) -> int:
-    """Rough compile time (the candidates unrolled), to start the slow ones first."""
-    return NMPattern(*map(int, call.pattern.split(":"))).num_candidates * (
-        2 if call.kernel == "backward" else 1)
+def summary(members: list[Call]) -> str:
+    """The modes a variant serves, e.g. ``soft/hard, dW on/off, returned/+= fp32``."""
+    parts = ["/".join(sorted({"hard" if m.hard else "soft" for m in members}, reverse=True))]
+    if members[0].kernel == "backward":
+        parts.append("dW " + "/".join(sorted({"on" if m.wgrad else "off" for m in members},
+                                            reverse=True)))
+        parts.append("/".join(sorted({f"+= {m.main_grad}" if m.main_grad else "returned"
+                                      for m in members}, reverse=True)))
+    return ", ".join(parts)
 
 
 def _worker() -> int:
+    """Compile the tasks read from stdin, one JSON line each, answering one line each."""
     for line in sys.stdin:
         task = json.loads(line)
         record = compile_variant(Call(**task["call"]), task["arch"])
@@ -283,5 +291,5 @@ def _worker() -> int:
     return 0
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+if __name__ == "__main__":
     sys.exit(_worker())

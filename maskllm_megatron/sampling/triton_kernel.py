@@ -8,22 +8,30 @@ One program handles ``BLOCK`` consecutive groups of a weight shard, one group pe
 * backward recomputes the soft index from the same key and writes ``d logits`` (or adds it to
   the optimizer's ``main_grad`` buffer) and ``d W`` when asked, in one pass.
 
-Layout: every per-group quantity is a ``[BLOCK]`` vector and the ``C`` candidates are unrolled at
-compile time, with the candidate table folded into the code (``_keeps``). Rows are loaded and
-stored as ``[BLOCK, width]`` tiles of at most 16 bytes (one vector access per thread) and split
-into columns in registers. So a thread holds one group's ``C`` scores and ``M`` weights, not the
-``[BLOCK, C, M]`` products of a matrix formulation nor candidates padded to a power of two: the
-2:4 kernels fit in 64 registers (50% occupancy on sm_80/sm_90) and 4:8 (``C = 70``) does not
-spill. ``triton_aot`` compiles every configuration ``launch_config`` can return and checks this.
+Layout: per-group values are ``[BLOCK]`` vectors, one element per thread, and the candidate
+table is folded into the code. Rows are read and written as ``[BLOCK, width]`` tiles of at most
+16 bytes, one vector access per thread, and split into columns in registers. No ``[BLOCK, C, M]``
+products, no candidates padded to a power of two. Two schedules (``launch_config``):
 
-Compiled variants: each call-level value (sizes, offsets, the 64-bit key, ``kappa``, ``tau``
-and the hard / weight-gradient / accumulate switches) is a typed, unspecialised argument, and
-every buffer is 16-byte aligned (``_aligned``). So a configuration -- the pattern and the
-weight, gradient-target dtypes -- compiles once, never again mid-training for a new key or shard.
+* ``UNROLLED`` (2:4, 1:4): the ``C`` scores of a group stay in registers and the noise is drawn
+  once per kernel; about 32 registers per thread, full occupancy (triton 3.9, sm_80/sm_90).
+* streamed (2:8, 4:8 and any other pattern): a loop over blocks of four candidates (one Philox
+  call each) with an online softmax, kept positions read from a ``[C]`` table of bit words;
+  backward draws the noise a second time instead of holding ``C`` scores per thread. About 56
+  registers at ``C = 70``, where scores in registers took 255 and spilled.
+
+``triton_aot`` compiles every configuration the launcher can pick and checks registers/spills.
+
+Compiled variants: every call-level value (sizes, offsets, the 64-bit key, ``kappa``, ``tau``,
+the hard / weight-gradient / accumulate switches) is a typed argument Triton does not
+specialise, and every buffer passed is 16-byte aligned (``_aligned``). A configuration (pattern,
+weight dtype, gradient-target dtype) thus compiles once, not again for a new key or shard.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import torch
@@ -38,13 +46,13 @@ except ImportError:  # pragma: no cover - exercised on installs without triton
     tl = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ALIGN = 16  # bytes; pointers are specialised on it, so every buffer passed is aligned
+ALIGN = 16  # bytes: pointers are specialised on it, so every buffer passed is aligned
 INT32_MAX = 2**31 - 1
-# Call-level arguments, never specialised (typed by annotation, no ==1 or %16 variants).
+# Call-level arguments: typed by annotation, never specialised (no ==1, %16 or i32/i64 variants).
 PER_CALL = ("n_groups", "gpr", "row_offset", "gcol_offset", "groups_per_row", "key", "kappa",
             "tau", "hard", "wgrad", "accumulate")
-# GPU launch configuration per (N, M): (num_warps, ); one group per thread, BLOCK = 32 * warps.
-NUM_WARPS = {(2, 4): 4, (1, 4): 4, (2, 8): 4, (4, 8): 4}
+# GPU schedule per (N, M): (num_warps, scores held in registers); one group per thread.
+SCHEDULES = {(2, 4): (4, True), (1, 4): (4, True), (2, 8): (4, False), (4, 8): (4, False)}
 INTERPRET_BLOCK = 4096  # the interpreter runs programs one after another: few large ones
 
 
@@ -57,10 +65,19 @@ def available(device: torch.device | None = None) -> bool:
 
 
 def launch_config(pattern: NMPattern, interpret: bool = INTERPRET) -> dict:
-    """Block size and launch options for a pattern: what the launcher uses and AOT compiles."""
-    num_warps = NUM_WARPS.get((pattern.n, pattern.m), 4)
+    """Constexprs and launch options for a pattern: what the launcher passes and AOT compiles.
+    Each rounding is its own operation (no FMA contraction), as in the PyTorch path."""
+    num_warps, unrolled = SCHEDULES.get((pattern.n, pattern.m), (4, False))
     block = INTERPRET_BLOCK if interpret else 32 * num_warps
-    return dict(N=pattern.n, M=pattern.m, BLOCK=block, num_warps=num_warps, enable_fp_fusion=False)
+    return dict(N=pattern.n, M=pattern.m, UNROLLED=unrolled, BLOCK=block, num_warps=num_warps,
+                enable_fp_fusion=False)
+
+
+@functools.lru_cache(maxsize=64)
+def candidate_words(pattern: NMPattern, device: torch.device) -> torch.Tensor:
+    """``[C]`` int32, bit ``k`` of word ``c`` set when candidate ``c`` keeps position ``k``."""
+    bits = pattern.candidates(torch.int32) << torch.arange(pattern.m, dtype=torch.int32)
+    return bits.sum(1, dtype=torch.int32).to(device)
 
 
 if triton is not None:
@@ -70,25 +87,26 @@ if triton is not None:
         return NMPattern(n, m).num_candidates
 
     @triton.constexpr_function
-    def _candidate_word(n, m, c):
-        """Bit ``k`` set when candidate ``c`` of the n:m pattern keeps position ``k``."""
-        return sum(1 << k for k in NMPattern(n, m).candidate_positions()[c].tolist())
-
-    @triton.constexpr_function
     def _keeps(n, m, c, k):
-        return bool(_candidate_word(n, m, c) >> k & 1)
+        """Whether candidate ``c`` of the n:m pattern keeps position ``k`` (``nm`` order)."""
+        return k in NMPattern(n, m).candidate_positions()[c].tolist()
 
     @triton.constexpr_function
     def _width(count, bits):
-        """Columns per tile: the largest power of two <= 16 bytes that divides ``count``."""
+        """Tile width for rows of ``count`` values: the most that fit 16 bytes and divide it."""
         width = 128 // bits
         while count % width:
             width //= 2
         return width
 
+    @triton.constexpr_function
+    def _block_width(count, bits):
+        """Tile width within a block of four candidates: also divides four."""
+        return _width(math.gcd(count, 4), bits)
+
     @triton.jit
     def _columns(tile, W: tl.constexpr):
-        """The ``W`` columns of a ``[BLOCK, W]`` tile (one thread's row: register moves)."""
+        """The ``W`` columns of a ``[BLOCK, W]`` tile (a thread's own row: register moves)."""
         if W == 1:
             cols = (tl.reshape(tile, [tile.shape[0]]),)
         elif W == 2:
@@ -102,18 +120,14 @@ if triton is not None:
         else:
             tl.static_assert(W == 8)
             even, odd = tl.split(tl.reshape(tile, [tile.shape[0], 4, 2]))
-            e0, e1 = tl.split(tl.reshape(even, [tile.shape[0], 2, 2]))
-            o0, o1 = tl.split(tl.reshape(odd, [tile.shape[0], 2, 2]))
-            a, e = tl.split(e0)
-            c, g = tl.split(e1)
-            b, f = tl.split(o0)
-            d, h = tl.split(o1)
-            cols = (a, b, c, d, e, f, g, h)
+            e = _columns(even, 4)
+            o = _columns(odd, 4)
+            cols = (e[0], o[0], e[1], o[1], e[2], o[2], e[3], o[3])
         return cols
 
     @triton.jit
     def _tile(cols, W: tl.constexpr):
-        """Inverse of ``_columns``: ``[BLOCK, W]`` from ``W`` columns."""
+        """Inverse of ``_columns``: the ``[BLOCK, W]`` tile of ``W`` columns."""
         if W == 1:
             tile = tl.reshape(cols[0], [cols[0].shape[0], 1])
         elif W == 2:
@@ -123,31 +137,42 @@ if triton is not None:
             tile = tl.reshape(pairs, [cols[0].shape[0], 4])
         else:
             tl.static_assert(W == 8)
-            even = tl.join(tl.join(cols[0], cols[4]), tl.join(cols[2], cols[6]))
-            odd = tl.join(tl.join(cols[1], cols[5]), tl.join(cols[3], cols[7]))
-            tile = tl.reshape(tl.join(tl.reshape(even, [cols[0].shape[0], 4]),
-                                      tl.reshape(odd, [cols[0].shape[0], 4])),
-                              [cols[0].shape[0], 8])
+            even = _tile((cols[0], cols[2], cols[4], cols[6]), 4)
+            odd = _tile((cols[1], cols[3], cols[5], cols[7]), 4)
+            tile = tl.reshape(tl.join(even, odd), [cols[0].shape[0], 8])
         return tile
 
     @triton.jit
+    def _load_tile(ptr, g, gmask, start, COUNT: tl.constexpr, W: tl.constexpr):
+        """Columns ``start .. start + W`` of rows ``g`` of a ``[*, COUNT]`` array, as fp32."""
+        offs = g[:, None] * COUNT + (start + tl.arange(0, W))[None, :]
+        return _columns(tl.load(ptr + offs, mask=gmask, other=0.0).to(tl.float32), W)
+
+    @triton.jit
+    def _store_tile(ptr, g, gmask, start, cols, accumulate, COUNT: tl.constexpr,
+                    W: tl.constexpr):
+        """Store (or with ``accumulate``, add to) columns ``start .. start + W``."""
+        offs = g[:, None] * COUNT + (start + tl.arange(0, W))[None, :]
+        tile = _tile(cols, W)
+        if accumulate != 0:  # megatron's gradient-accumulation fusion: add into main_grad
+            tile += tl.load(ptr + offs, mask=gmask, other=0.0).to(tl.float32)
+        tl.store(ptr + offs, tile.to(ptr.dtype.element_ty), mask=gmask)
+
+    @triton.jit
     def _load_rows(ptr, g, gmask, COUNT: tl.constexpr):
-        """Rows ``g`` of a ``[*, COUNT]`` array as ``COUNT`` fp32 columns."""
+        """Rows ``g`` of a ``[*, COUNT]`` array as a tuple of ``COUNT`` fp32 columns."""
         W: tl.constexpr = _width(COUNT, ptr.dtype.element_ty.primitive_bitwidth)
         cols = ()
         for j in tl.static_range(COUNT // W):
-            offs = g[:, None] * COUNT + (j * W + tl.arange(0, W))[None, :]
-            tile = tl.load(ptr + offs, mask=gmask[:, None], other=0.0).to(tl.float32)
-            cols = cols + _columns(tile, W)
+            cols = cols + _load_tile(ptr, g, gmask[:, None], j * W, COUNT, W)
         return cols
 
     @triton.jit
-    def _store_rows(ptr, g, gmask, cols, COUNT: tl.constexpr):
+    def _store_rows(ptr, g, gmask, cols, accumulate, COUNT: tl.constexpr):
         W: tl.constexpr = _width(COUNT, ptr.dtype.element_ty.primitive_bitwidth)
         for j in tl.static_range(COUNT // W):
-            offs = g[:, None] * COUNT + (j * W + tl.arange(0, W))[None, :]
-            tile = _tile(cols[j * W:(j + 1) * W], W)
-            tl.store(ptr + offs, tile.to(ptr.dtype.element_ty), mask=gmask[:, None])
+            _store_tile(ptr, g, gmask[:, None], j * W, cols[j * W:(j + 1) * W], accumulate,
+                        COUNT, W)
 
     @triton.jit
     def _philox_block(key, q, b):
@@ -170,6 +195,13 @@ if triton is not None:
         return bits
 
     @triton.jit
+    def _score(logit, bits, kappa, inv_tau):
+        """``(kappa * logit + g) / tau`` with ``g = -log(-log(u))`` from the word's top 23 bits,
+        rounded step by step as the C++ kernel and PyTorch on CUDA do (times ``1 / tau``)."""
+        u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+        return (kappa * logit - tl.log(-tl.log(u))) * inv_tau
+
+    @triton.jit
     def _groups(n_groups, gpr, row_offset, gcol_offset, groups_per_row, BLOCK: tl.constexpr):
         """Local group index (int64, for addresses), its bound mask and its global index q."""
         g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -177,128 +209,188 @@ if triton is not None:
         q = (row_offset + row).to(tl.int64) * groups_per_row + (gcol_offset + g - row * gpr)
         return g.to(tl.int64), g < n_groups, q
 
+    # -- unrolled schedule: all C scores of a group in registers ----------------------------
+
     @triton.jit
-    def _scores(logits_ptr, g, gmask, q, key, kappa, tau, C: tl.constexpr):
-        """``z_c = (kappa * logit_c + gumbel_c) / tau`` for every candidate, a tuple of ``C``."""
+    def _scores(logits_ptr, g, gmask, q, key, kappa, inv_tau, C: tl.constexpr):
+        """The ``C`` scores of each group, a tuple."""
         logits = _load_rows(logits_ptr, g, gmask, C)
         zs = ()
         for b in tl.static_range((C + 3) // 4):
             words = _philox_block(key, q, b)
             for i in tl.static_range(4):
                 if 4 * b + i < C:
-                    u = ((words[i] >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-                    zs = zs + (tl.math.div_rn(kappa * logits[4 * b + i] - tl.log(-tl.log(u)), tau),)
+                    zs = zs + (_score(logits[4 * b + i], words[i], kappa, inv_tau),)
         return zs
 
     @triton.jit
-    def _argmax_mask(zs, N: tl.constexpr, M: tl.constexpr):
-        """Hard mask of the first highest-scoring candidate, ``M`` fp32 columns."""
-        best = zs[0]
-        word = tl.full(best.shape, _candidate_word(N, M, 0), tl.int32)
-        for c in tl.static_range(1, len(zs)):
-            take = zs[c] > best
-            best = tl.where(take, zs[c], best)
-            word = tl.where(take, _candidate_word(N, M, c), word)
-        mask = ()
-        for k in tl.static_range(M):
-            mask = mask + (((word >> k) & 1).to(tl.float32),)
-        return mask
-
-    @triton.jit
-    def _softmax(zs):
+    def _unrolled_masks(zs, N: tl.constexpr, M: tl.constexpr):
+        """``(soft mask, hard mask, softmax)``: ``softmax(z) @ candidates`` and the mask of
+        the first highest-scoring candidate as ``M`` columns each, and ``softmax(z)``."""
+        C: tl.constexpr = len(zs)
         top = zs[0]
-        for c in tl.static_range(1, len(zs)):
+        best = tl.zeros(top.shape, tl.int32)
+        for c in tl.static_range(1, C):
+            best = tl.where(zs[c] > top, c, best)
             top = tl.maximum(top, zs[c])
         es = ()
         total = tl.zeros_like(top)
-        for c in tl.static_range(len(zs)):
-            e = tl.exp(zs[c] - top)
-            es = es + (e,)
-            total += e
+        for c in tl.static_range(C):
+            es = es + (tl.exp(zs[c] - top),)
+            total += es[c]
         ys = ()
-        for c in tl.static_range(len(zs)):
+        for c in tl.static_range(C):
             ys = ys + (es[c] / total,)
-        return ys
-
-    @triton.jit
-    def _soft_mask(ys, N: tl.constexpr, M: tl.constexpr):
-        """``y @ candidates`` as ``M`` columns: the sum of ``y_c`` over candidates keeping k."""
-        mask = ()
+        soft = ()
+        hard = ()
         for k in tl.static_range(M):
-            acc = tl.zeros_like(ys[0])
-            for c in tl.static_range(len(ys)):
+            acc = tl.zeros_like(top)
+            kept = tl.zeros_like(top)
+            for c in tl.static_range(C):
                 if _keeps(N, M, c, k):
                     acc += ys[c]
-            mask = mask + (acc,)
-        return mask
+                    kept = tl.where(best == c, 1.0, kept)
+            soft = soft + (acc,)
+            hard = hard + (kept,)
+        return soft, hard, ys
+
+    # -- streamed schedule: blocks of four candidates, online softmax -----------------------
+
+    @triton.jit
+    def _block_scores(logits_ptr, g, gmask, q, key, kappa, inv_tau, b, C: tl.constexpr):
+        """Scores of candidates ``4b .. 4b+3`` (``-inf`` past ``C``), ``b`` a loop index."""
+        W: tl.constexpr = _block_width(C, 32)
+        words = _philox_block(key, q, b)
+        logits = ()
+        for j in tl.static_range(4 // W):
+            logits = logits + _load_tile(logits_ptr, g, gmask[:, None] & (4 * b + j * W < C),
+                                         4 * b + j * W, C, W)
+        zs = ()
+        for i in tl.static_range(4):
+            z = _score(logits[i], words[i], kappa, inv_tau)
+            zs = zs + (tl.where(4 * b + i < C, z, float("-inf")),)
+        return zs
+
+    @triton.jit
+    def _streamed_masks(logits_ptr, cand_ptr, g, gmask, q, key, kappa, inv_tau, C: tl.constexpr,
+                        M: tl.constexpr):
+        """One pass over the candidates: ``(soft mask, hard mask, max score, softmax sum)``."""
+        top = tl.full(q.shape, float("-inf"), tl.float32)
+        total = tl.zeros_like(top)
+        acc = ()
+        for _ in tl.static_range(M):
+            acc = acc + (tl.zeros_like(top),)
+        best = top
+        word = tl.zeros(top.shape, tl.int32)
+        for b in tl.range((C + 3) // 4):
+            zs = _block_scores(logits_ptr, g, gmask, q, key, kappa, inv_tau, b, C)
+            new_top = tl.maximum(tl.maximum(top, tl.maximum(zs[0], zs[1])),
+                                 tl.maximum(zs[2], zs[3]))
+            scale = tl.exp(top - new_top)
+            total = total * scale
+            scaled = ()
+            for k in tl.static_range(M):
+                scaled = scaled + (acc[k] * scale,)
+            acc = scaled
+            for i in tl.static_range(4):
+                bits = tl.load(cand_ptr + 4 * b + i, mask=4 * b + i < C, other=0)
+                e = tl.exp(zs[i] - new_top)
+                total += e
+                summed = ()
+                for k in tl.static_range(M):
+                    summed = summed + (tl.where((bits >> k) & 1 != 0, acc[k] + e, acc[k]),)
+                acc = summed
+                word = tl.where(zs[i] > best, bits, word)
+                best = tl.maximum(best, zs[i])
+            top = new_top
+        soft = ()
+        hard = ()
+        for k in tl.static_range(M):
+            soft = soft + (acc[k] / total,)
+            hard = hard + (((word >> k) & 1).to(tl.float32),)
+        return soft, hard, top, total
+
+    # -- kernels -----------------------------------------------------------------------------
 
     @triton.jit(do_not_specialize=PER_CALL)
-    def _forward_kernel(w_ptr, logits_ptr, out_ptr, reg_ptr, n_groups: tl.int32, gpr: tl.int32,
-                        row_offset: tl.int32, gcol_offset: tl.int32, groups_per_row: tl.int32,
-                        key: tl.int64, kappa: tl.float32, tau: tl.float32, hard: tl.int32,
-                        N: tl.constexpr, M: tl.constexpr, BLOCK: tl.constexpr):
+    def _forward_kernel(w_ptr, logits_ptr, cand_ptr, out_ptr, reg_ptr, n_groups: tl.int32,
+                        gpr: tl.int32, row_offset: tl.int32, gcol_offset: tl.int32,
+                        groups_per_row: tl.int32, key: tl.int64, kappa: tl.float32,
+                        tau: tl.float32, hard: tl.int32, N: tl.constexpr, M: tl.constexpr,
+                        UNROLLED: tl.constexpr, BLOCK: tl.constexpr):
         C: tl.constexpr = _num_candidates(N, M)
+        inv_tau = tl.math.div_rn(1.0, tau)
         g, gmask, q = _groups(n_groups, gpr, row_offset, gcol_offset, groups_per_row, BLOCK)
-        zs = _scores(logits_ptr, g, gmask, q, key, kappa, tau, C)
-        if hard != 0:
-            mask = _argmax_mask(zs, N, M)
+        if UNROLLED:
+            zs = _scores(logits_ptr, g, gmask, q, key, kappa, inv_tau, C)
+            soft, hard_mask, _ = _unrolled_masks(zs, N, M)
         else:
-            mask = _soft_mask(_softmax(zs), N, M)
+            soft, hard_mask, _, _ = _streamed_masks(logits_ptr, cand_ptr, g, gmask, q, key,
+                                                    kappa, inv_tau, C, M)
         w = _load_rows(w_ptr, g, gmask, M)
         out = ()
         sq = tl.zeros_like(w[0])
         for k in tl.static_range(M):
-            o = w[k] * mask[k]
+            o = w[k] * tl.where(hard != 0, hard_mask[k], soft[k])
             out = out + (o,)
             sq += o * o
-        _store_rows(out_ptr, g, gmask, out, M)
+        _store_rows(out_ptr, g, gmask, out, 0, M)
         tl.store(reg_ptr + tl.program_id(0), tl.sum(sq, axis=0))
 
     @triton.jit(do_not_specialize=PER_CALL)
-    def _backward_kernel(grad_out_ptr, w_ptr, logits_ptr, grad_reg_ptr, grad_logits_ptr,
-                         grad_w_ptr, n_groups: tl.int32, gpr: tl.int32, row_offset: tl.int32,
-                         gcol_offset: tl.int32, groups_per_row: tl.int32, key: tl.int64,
-                         kappa: tl.float32, tau: tl.float32, hard: tl.int32, wgrad: tl.int32,
-                         accumulate: tl.int32, N: tl.constexpr, M: tl.constexpr,
-                         BLOCK: tl.constexpr):
+    def _backward_kernel(grad_out_ptr, w_ptr, logits_ptr, cand_ptr, grad_reg_ptr,
+                         grad_logits_ptr, grad_w_ptr, n_groups: tl.int32, gpr: tl.int32,
+                         row_offset: tl.int32, gcol_offset: tl.int32, groups_per_row: tl.int32,
+                         key: tl.int64, kappa: tl.float32, tau: tl.float32, hard: tl.int32,
+                         wgrad: tl.int32, accumulate: tl.int32, N: tl.constexpr,
+                         M: tl.constexpr, UNROLLED: tl.constexpr, BLOCK: tl.constexpr):
         C: tl.constexpr = _num_candidates(N, M)
+        inv_tau = tl.math.div_rn(1.0, tau)
         g, gmask, q = _groups(n_groups, gpr, row_offset, gcol_offset, groups_per_row, BLOCK)
-        zs = _scores(logits_ptr, g, gmask, q, key, kappa, tau, C)
-        ys = _softmax(zs)
-        if hard != 0:
-            mask = _argmax_mask(zs, N, M)
+        if UNROLLED:
+            zs = _scores(logits_ptr, g, gmask, q, key, kappa, inv_tau, C)
+            soft, hard_mask, ys = _unrolled_masks(zs, N, M)
         else:
-            mask = _soft_mask(ys, N, M)
+            soft, hard_mask, top, total = _streamed_masks(logits_ptr, cand_ptr, g, gmask, q, key,
+                                                          kappa, inv_tau, C, M)
         w = _load_rows(w_ptr, g, gmask, M)
         go = _load_rows(grad_out_ptr, g, gmask, M)
         greg = tl.load(grad_reg_ptr)
         d_mask = ()
+        d_w = ()
+        dot = tl.zeros_like(w[0])  # sum_c y_c d_y_c = sum_k soft_k d_mask_k
         for k in tl.static_range(M):
-            d_mask = d_mask + (go[k] * w[k] + 2.0 * greg * w[k] * w[k] * mask[k],)
+            mask = tl.where(hard != 0, hard_mask[k], soft[k])
+            d_mask = d_mask + (go[k] * w[k] + 2.0 * greg * w[k] * w[k] * mask,)
+            d_w = d_w + (go[k] * mask + 2.0 * greg * w[k] * mask * mask,)
+            dot += soft[k] * d_mask[k]
         if wgrad != 0:
-            d_w = ()
-            for k in tl.static_range(M):
-                d_w = d_w + (go[k] * mask[k] + 2.0 * greg * w[k] * mask[k] * mask[k],)
-            _store_rows(grad_w_ptr, g, gmask, d_w, M)
-        d_y = ()
-        dot = tl.zeros_like(ys[0])
-        for c in tl.static_range(C):
-            acc = tl.zeros_like(ys[0])
-            for k in tl.static_range(M):
-                if _keeps(N, M, c, k):
-                    acc += d_mask[k]
-            d_y = d_y + (acc,)
-            dot += ys[c] * acc
-        d_logits = ()
-        for c in tl.static_range(C):
-            d_logits = d_logits + ((kappa / tau) * (ys[c] * (d_y[c] - dot)),)
-        if accumulate != 0:  # megatron's gradient-accumulation fusion: add into main_grad
-            before = _load_rows(grad_logits_ptr, g, gmask, C)
-            summed = ()
+            _store_rows(grad_w_ptr, g, gmask, d_w, 0, M)
+        scale = tl.math.div_rn(kappa, tau)
+        if UNROLLED:
+            d_logits = ()
             for c in tl.static_range(C):
-                summed = summed + (d_logits[c] + before[c],)
-            d_logits = summed
-        _store_rows(grad_logits_ptr, g, gmask, d_logits, C)
+                d_y = tl.zeros_like(dot)
+                for k in tl.static_range(M):
+                    if _keeps(N, M, c, k):
+                        d_y += d_mask[k]
+                d_logits = d_logits + (scale * (ys[c] * (d_y - dot)),)
+            _store_rows(grad_logits_ptr, g, gmask, d_logits, accumulate, C)
+        else:  # draw the block's noise again: y_c from the max and sum of the first pass
+            W: tl.constexpr = _block_width(C, grad_logits_ptr.dtype.element_ty.primitive_bitwidth)
+            for b in tl.range((C + 3) // 4):
+                zs = _block_scores(logits_ptr, g, gmask, q, key, kappa, inv_tau, b, C)
+                d_logits = ()
+                for i in tl.static_range(4):
+                    bits = tl.load(cand_ptr + 4 * b + i, mask=4 * b + i < C, other=0)
+                    d_y = tl.zeros_like(dot)
+                    for k in tl.static_range(M):
+                        d_y = tl.where((bits >> k) & 1 != 0, d_y + d_mask[k], d_y)
+                    y = tl.exp(zs[i] - top) / total
+                    d_logits = d_logits + (scale * (y * (d_y - dot)),)
+                for j in tl.static_range(4 // W):
+                    _store_tile(grad_logits_ptr, g, gmask[:, None] & (4 * b + j * W < C),
+                                4 * b + j * W, d_logits[j * W:(j + 1) * W], accumulate, C, W)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -307,33 +399,38 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % ALIGN == 0 else t.clone()
 
 
-def _scalars(weight: torch.Tensor, spec) -> tuple:
+def as_int64(key: int) -> int:
+    """A 64-bit Philox key as the int64 with the same bits: how the kernels take it."""
+    return key - 2**64 if key >= 2**63 else key
+
+
+def _scalars(weight: torch.Tensor, spec, block: int) -> tuple:
     p, shard = spec.pattern, spec.shard
     n_groups = weight.numel() // p.m
     ints = (n_groups, weight.shape[1] // p.m, shard.row_offset, shard.group_col_offset,
             shard.groups_per_row)
-    block = launch_config(p)["BLOCK"]
     if n_groups + block > INT32_MAX or max(ints) > INT32_MAX:
         raise ValueError("the Triton sampler indexes a shard's groups with 32-bit integers")
-    key = spec.key - 2**64 if spec.key >= 2**63 else spec.key  # the same 64 bits, as int64
-    return (*ints, key, float(spec.kappa), float(spec.tau), int(bool(spec.hard)))
+    return (*ints, as_int64(spec.key), float(spec.kappa), float(spec.tau), int(bool(spec.hard)))
 
 
 def forward_launch(weight: torch.Tensor, logits: torch.Tensor, spec):
-    """``(grid, args, meta, out, partials)`` of one forward call: what ``forward`` launches and
-    what ``triton_aot`` binds to find the compiled variant."""
+    """``(grid, args, meta, out, partials)`` of a forward call: what ``forward`` launches and
+    ``triton_aot`` binds to find the compiled variant."""
     weight, logits = _aligned(weight), _aligned(logits.float())
     meta = launch_config(spec.pattern)
     grid = (triton.cdiv(weight.numel() // spec.pattern.m, meta["BLOCK"]),)
     out = torch.empty_like(weight)
     partials = torch.empty(grid[0], dtype=torch.float32, device=weight.device)
-    return grid, (weight, logits, out, partials, *_scalars(weight, spec)), meta, out, partials
+    cand = candidate_words(spec.pattern, weight.device)
+    args = (weight, logits, cand, out, partials, *_scalars(weight, spec, meta["BLOCK"]))
+    return grid, args, meta, out, partials
 
 
 def backward_launch(grad_out, grad_reg, weight, logits, spec, need_weight_grad: bool,
                     into=None):
-    """``(grid, args, meta, target, grad_weight, staged)`` of one backward call; ``staged`` is
-    an aligned copy of ``into`` to copy back (``into`` is a misaligned view), else ``None``."""
+    """``(grid, args, meta, target, grad_weight, staged)`` of a backward call; ``staged`` is
+    an aligned copy of ``into`` to copy back when ``into`` is a misaligned view, else None."""
     weight, logits = _aligned(weight), _aligned(logits.float())
     grad_out = _aligned(grad_out.to(weight.dtype))
     if into is not None and not into.is_contiguous():
@@ -351,10 +448,11 @@ def backward_launch(grad_out, grad_reg, weight, logits, spec, need_weight_grad: 
     grad_reg = _aligned(grad_reg.reshape(1).float())
     meta = launch_config(spec.pattern)
     grid = (triton.cdiv(weight.numel() // spec.pattern.m, meta["BLOCK"]),)
-    # without a weight gradient an empty buffer of the weight's dtype keeps the variant
+    # no weight gradient: an empty buffer of the weight's dtype keeps the same variant
     dummy = grad_weight if grad_weight is not None else weight.new_empty(0)
-    args = (grad_out, weight, logits, grad_reg, target, dummy, *_scalars(weight, spec),
-            int(need_weight_grad), int(into is not None))
+    args = (grad_out, weight, logits, candidate_words(spec.pattern, weight.device), grad_reg,
+            target, dummy, *_scalars(weight, spec, meta["BLOCK"]), int(need_weight_grad),
+            int(into is not None))
     return grid, args, meta, target, grad_weight, staged
 
 
