@@ -124,8 +124,7 @@ with cpu_shims():
 """
 
 
-@pytest.mark.parametrize("budget", [0, 1])
-def test_non_finite_steps_are_refused_and_stop_the_run(corpus, tmp_path, budget):
+def test_non_finite_steps_are_refused_and_stop_the_run(corpus, tmp_path, budget=1):
     poisoned, save = tmp_path / "poisoned", tmp_path / "run"
     _run([sys.executable, "-c", MAKE_CHECKPOINT, str(corpus / "model"), str(poisoned), "nan"])
     proc = _run(_command(corpus, save, iters=4, extra=[
@@ -135,18 +134,6 @@ def test_non_finite_steps_are_refused_and_stop_the_run(corpus, tmp_path, budget)
     assert f"{budget + 1} such steps exceed --skip-nonfinite-steps={budget}" in proc.stderr
     assert not (save / "latest").exists()  # no step was taken, nothing was saved
     assert _log(save) == []
-
-
-def test_pipeline_parallel_counts_every_stage_regulariser(corpus, tmp_path):
-    start = tmp_path / "start"  # both layouts start from the same weights
-    _run([sys.executable, "-c", MAKE_CHECKPOINT, str(corpus / "model"), str(start), "ok"])
-    load = ["--load", str(start)]
-    _run(_command(corpus, tmp_path / "pp1", iters=1, extra=load))
-    _run(_command(corpus, tmp_path / "pp2", pp=2, iters=1, extra=load))
-    (one,), (two,) = _log(tmp_path / "pp1"), _log(tmp_path / "pp2")
-    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
-    assert two["reg"] == pytest.approx(one["reg"], rel=1e-5)  # both stages' layers
-    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
 
 
 def test_yaml_config_and_flags(tmp_path):
@@ -196,8 +183,7 @@ def test_blended_datasets_follow_weights_and_seed(corpus):
         BatchLayout(micro_batch_size=3, global_batch_size=8, data_parallel_size=2)
 
 
-@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
-def test_train_weights_with_masks_off_is_dense_pretraining(corpus, tmp_path, tp):
+def test_train_weights_with_masks_off_is_dense_pretraining(corpus, tmp_path, tp=2):
     start, save = tmp_path / "start", tmp_path / "run"
     _run([sys.executable, "-c", MAKE_CHECKPOINT, str(corpus / "model"), str(start), "ok"])
     # at TP=2 the Adam moments of row-parallel weights are sharded along the input axis
@@ -215,12 +201,62 @@ def test_train_weights_with_masks_off_is_dense_pretraining(corpus, tmp_path, tp)
     assert len(validation) == 1 and 0 < validation[0] < 2 * losses[0]  # held-out split
 
 
-def test_sequence_parallel_training_equals_the_run_without_it(corpus, tmp_path):
-    start = tmp_path / "start"  # both runs start from the same weights
-    _run([sys.executable, "-c", MAKE_CHECKPOINT, str(corpus / "model"), str(start), "ok"])
-    load = ["--load", str(start)]
-    _run(_command(corpus, tmp_path / "tp2", tp=2, iters=2, extra=load))
-    _run(_command(corpus, tmp_path / "sp", tp=2, iters=2, extra=[*load, "--sequence-parallel"]))
+# ----------------------------------------------------------------------------- in the rank pool
+# train() itself on the session's four gloo ranks (no process start-up): DP = 4 / (TP x PP)
+
+
+def case_train(corpus, save, iters, flags=None):
+    from megatron.core import parallel_state as ps
+
+    from maskllm_megatron.train import TrainArgs, train
+
+    args = TrainArgs(model_config=str(corpus / "model"), data_path=[str(corpus / "data" / "docs")],
+                     split="90,10,0", micro_batch_size=2, global_batch_size=4, seq_length=32,
+                     train_iters=iters, save=str(save), save_interval=1, seed=3, progress=False,
+                     tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+                     pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+                     **(flags or {}))
+    return train(args)
+
+
+def case_save_start(corpus, path):
+    """A dense starting checkpoint (the fresh model and its initial logits)."""
+    from maskllm_megatron.checkpoint import save_model
+    from maskllm_megatron.layers import SamplingState, attach_sampling
+    from maskllm_megatron.model_config import ModelConfig
+    from maskllm_megatron.runtime import current_layout
+    from maskllm_megatron.spec import build_model
+
+    layout = current_layout()
+    model = build_model(ModelConfig.load(corpus / "model"), tp=layout.tp, pp=layout.pp)
+    attach_sampling(model, SamplingState(seed=3))
+    save_model(model, path)
+
+
+def test_pipeline_parallel_counts_every_stage_and_runs_at_the_scheduled_lr(dist4, corpus,
+                                                                         tmp_path):
+    """PP=2 equals PP=1 (the regulariser of every stage counted); and each step runs at its
+    scheduled learning rate: Adam's first step moves every logit with a gradient by exactly
+    the rate (megatron's scheduler, step 0)."""
+    start = tmp_path / "start"
+    dist4.run(case_save_start, corpus, start, tp=4)
+    flags = dict(load=str(start), lr=1e-3, min_lr=1e-5, clip_grad=0.0)
+    dist4.run(case_train, corpus, tmp_path / "pp1", 2, flags, tp=4)
+    dist4.run(case_train, corpus, tmp_path / "pp2", 2, flags, tp=2, pp=2)
+    one, two = _log(tmp_path / "pp1"), _log(tmp_path / "pp2")
+    assert [r["lr"] for r in one] == pytest.approx([1e-3, 1e-5 + 0.5 * (1e-3 - 1e-5)])
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["reg"] == pytest.approx(a["reg"], rel=1e-5)  # both stages' layers
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    before, after = _plain_tensors(start), _final_logits(tmp_path / "pp1", 1)
+    for key, value in after.items():
+        assert float((value - before[key]).abs().max()) == pytest.approx(1e-3, rel=1e-3), key
+
+
+def test_sequence_parallel_training_equals_the_run_without_it(dist4, corpus, tmp_path):
+    dist4.run(case_train, corpus, tmp_path / "tp2", 2, tp=2)
+    dist4.run(case_train, corpus, tmp_path / "sp", 2, {"sequence_parallel": True}, tp=2)
     plain, split = _log(tmp_path / "tp2"), _log(tmp_path / "sp")
     assert len(plain) == len(split) == 2
     for a, b in zip(plain, split, strict=True):  # same samples, reductions in another order
@@ -228,47 +264,29 @@ def test_sequence_parallel_training_equals_the_run_without_it(corpus, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
 
 
-def test_bf16_weights_train_and_their_checkpoint_exports_in_fp32(corpus, tmp_path):
-    """What a GPU run writes (bf16 frozen weights) trims and exports on the CPU in fp32."""
-    from maskllm_megatron.validate import validate_trtllm
-
-    save = tmp_path / "run"
-    proc = _run(_command(corpus, save, iters=2, extra=["--bf16"]))
-    assert "on cpu" in proc.stdout
-    tensors = _plain_tensors(save / "iter_0000002" / "model")
-    fc1 = next(k for k in tensors if k.endswith("linear_fc1.weight"))
-    assert tensors[fc1].dtype == torch.bfloat16
-    assert all(v.dtype == torch.float32 for k, v in tensors.items() if k.endswith("logits"))
-    cli = [sys.executable, "-m", "maskllm_megatron.cli"]
-    _run([*cli, "trim", str(save), "--out", str(tmp_path / "trimmed")])
-    _run([*cli, "export", "trtllm", "--load", str(tmp_path / "trimmed"), "--out",
-          str(tmp_path / "trt"), "--dtype", "float32", "--no-progress"])
-    assert validate_trtllm(tmp_path / "trt").ok
-
-
-def test_fp16_uses_megatron_loss_scaling_and_resumes_exactly(corpus, tmp_path):
+def test_fp16_uses_megatron_loss_scaling_and_resumes_exactly(dist4, corpus, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    extra = ["--fp16", "--save-interval", "2"]
-    _run(_command(corpus, straight, iters=4, extra=extra))
-    _run(_command(corpus, stopped, iters=4, extra=[*extra, "--exit-interval", "2"]))
+    dist4.run(case_train, corpus, straight, 4, {"fp16": True}, tp=4)
+    dist4.run(case_train, corpus, stopped, 4, {"fp16": True, "exit_interval": 2}, tp=4)
     assert (stopped / "latest").read_text() == "iter_0000002"
     state = json.loads((stopped / "iter_0000002" / "train_state.json").read_text())
     assert state["loss_scaler"]["scale"] == 2.0**16  # megatron's dynamic scaler, saved
-    _run(_command(corpus, stopped, iters=4, extra=extra))
+    dist4.run(case_train, corpus, stopped, 4, {"fp16": True}, tp=4)  # the same run: resumes
     assert [r["loss"] for r in _log(stopped)] == [r["loss"] for r in _log(straight)]
     want, got = _final_logits(straight, 4), _final_logits(stopped, 4)
     assert all(torch.equal(got[k], v) for k, v in want.items())
 
 
-def test_each_step_runs_at_its_scheduled_learning_rate(corpus, tmp_path):
-    """Adam's first step moves every logit with a gradient by the learning rate itself, so the
-    step taken at iteration 0 shows which rate it used (megatron's scheduler, step 0)."""
-    start, save = tmp_path / "start", tmp_path / "run"
-    _run([sys.executable, "-c", MAKE_CHECKPOINT, str(corpus / "model"), str(start), "ok"])
-    _run(_command(corpus, save, iters=2, extra=["--load", str(start), "--lr", "1e-3",
-                                                 "--min-lr", "1e-5", "--clip-grad", "0"]))
-    assert [r["lr"] for r in _log(save)] == pytest.approx([1e-3, 1e-5 + 0.5 * (1e-3 - 1e-5)])
-    before, after = _plain_tensors(start), _final_logits(save, 1)
-    for key, value in after.items():
-        moved = (value - before[key]).abs()
-        assert float(moved.max()) == pytest.approx(1e-3, rel=1e-3), key
+def test_bf16_weights_train_and_their_checkpoint_exports_in_fp32(dist4, corpus, tmp_path):
+    """What a GPU run writes (bf16 frozen weights) exports on the CPU in fp32."""
+    from maskllm_megatron.validate import validate_trtllm
+
+    save = tmp_path / "run"
+    dist4.run(case_train, corpus, save, 1, {"bf16": True}, tp=4)
+    tensors = _plain_tensors(save / "iter_0000001" / "model")
+    fc1 = next(k for k in tensors if k.endswith("linear_fc1.weight"))
+    assert tensors[fc1].dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for k, v in tensors.items() if k.endswith("logits"))
+    _run([sys.executable, "-m", "maskllm_megatron.cli", "export", "trtllm", "--load", str(save),
+          "--out", str(tmp_path / "trt"), "--dtype", "float32", "--no-progress"])
+    assert validate_trtllm(tmp_path / "trt").ok
