@@ -44,19 +44,32 @@ def _hf_model(kind: str):
 KINDS = ["llama", "llama-tied", "nemotron", "gpt2"]
 
 
+CONVERT = """
+import sys
+from maskllm_megatron import convert
+from maskllm_megatron.cpu_shims import cpu_shims
+with cpu_shims():  # what `maskllm convert` does, for several models in one process
+    for hf_dir, mcore, back in zip(*[iter(sys.argv[1:])] * 3):
+        convert.hf_to_mcore(hf_dir, mcore, tp=2, progress=False)
+        convert.mcore_to_hf(mcore, back, progress=False)
+"""
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Each kind: the HF directory, its mcore conversion (TP=2 padding) and the way back."""
+    """Each kind: the HF directory, its mcore conversion (TP=2 padding) and the way back. The
+    first through the ``maskllm`` command, the others through the library in one process."""
     root = tmp_path_factory.mktemp("convert")
     out = {}
     for kind in KINDS:
         hf_dir, mcore, back = root / kind / "hf", root / kind / "mcore", root / kind / "back"
         _hf_model(kind).save_pretrained(hf_dir)
-        _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(mcore), "--tp", "2",
-              "--no-progress"])
-        _run(["convert", "mcore-to-hf", "--mcore", str(mcore), "--out", str(back),
-              "--no-progress"])
         out[kind] = (hf_dir, mcore, back)
+    hf_dir, mcore, back = out[KINDS[0]]
+    _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(mcore), "--tp", "2",
+          "--no-progress"])
+    _run(["convert", "mcore-to-hf", "--mcore", str(mcore), "--out", str(back), "--no-progress"])
+    _run([str(path) for kind in KINDS[1:] for path in out[kind]], script=CONVERT)
     return out
 
 

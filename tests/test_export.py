@@ -20,18 +20,28 @@ P24 = NMPattern(2, 4)
 
 
 EXPORTS = """
-import sys
-from maskllm_megatron import export
+import argparse, sys
+from maskllm_megatron import convert, export
 from maskllm_megatron.cpu_shims import cpu_shims
-load, out = sys.argv[1], sys.argv[2]
-with cpu_shims():
+from maskllm_megatron.prune import run_prune
+base = sys.argv[1]
+load, out = f"{base}/pruned/pruned", base
+with cpu_shims():  # maskllm convert, prune --method magnitude, export: one process
+    convert.hf_to_mcore(f"{base}/hf", f"{base}/mcore", progress=False)
+    run_prune(argparse.Namespace(
+        method="magnitude", load=f"{base}/mcore", save=f"{base}/pruned", model_config=None,
+        tokenizer=None, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        seq_length=None, micro_batch_size=1, N=2, M=4, seed=1234, progress=False,
+        device="cpu", bf16=False, fp16=False, fp32=False, sequence_parallel=False,
+        transformer_impl=None, data_path=[], calib_samples=0, update_weights=False,
+        row_parallel_hessian="gather"))
     loaded = export._load(load)
     for tp, pp in ((1, 1), (2, 1), (2, 2)):
         export.export_trtllm(load, f"{out}/trt-{tp}-{pp}", tp, pp, "float32", _loaded=loaded,
                              progress=False)
     export.export_trtllm(load, f"{out}/trt-bf16", 2, 1, "bfloat16", _loaded=loaded,
                          progress=False)
-    export.export_hf(load, f"{out}/hf", progress=False)
+    export.export_hf(load, f"{out}/hf", progress=False)  # over the source: converted already
 """
 
 
@@ -46,11 +56,7 @@ def exported(tmp_path_factory):
         base = root / kind
         model = _hf_model(kind)
         model.save_pretrained(base / "hf")
-        _run(["convert", "hf-to-mcore", "--hf", str(base / "hf"), "--out", str(base / "mcore"),
-              "--no-progress"])
-        _run(["prune", "--method", "magnitude", "--load", str(base / "mcore"), "--save",
-              str(base / "pruned"), "--no-progress"])
-        _run([str(base / "pruned" / "pruned"), str(base)], script=EXPORTS)
+        _run([str(base)], script=EXPORTS)
         out[kind] = (model, base)
     return out
 
