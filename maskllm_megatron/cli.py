@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     pln.set_defaults(func=_cmd_plan)
 
     dem = sub.add_parser("demo", help="the whole method on CPU: pretrain, one-shot baselines, "
-                         "MaskLLM, perplexities, export (about 15 minutes on 2 cores)")
+                         "MaskLLM, perplexities, export (about 20 minutes on 2 cores)")
     dem.add_argument("--workdir", default="~/.cache/maskllm/demo",
                      help="every step is cached here; a rerun skips what is done")
     dem.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (gloo on CPU)")

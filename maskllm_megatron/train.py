@@ -103,7 +103,7 @@ class TrainArgs:
     initial_loss_scale: float = 2.0**16
     transformer_impl: str | None = None  # local | transformer_engine (default: TE on a GPU)
     sequence_parallel: bool = False
-    overlap_grad_reduce: bool = True
+    overlap_grad_reduce: bool | None = None  # default: on with NCCL, off on the CPU (gloo)
     N: int = 2
     M: int = 4
     gumbel_temperature_range: list[float] = field(default_factory=lambda: [4.0, 0.05])
@@ -156,7 +156,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainArgs):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, bool):
+        if isinstance(default, bool) or f.type == "bool | None":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif isinstance(default, list):
             kind = float if f.name.startswith("gumbel") else str
@@ -237,7 +237,7 @@ def train(args: TrainArgs) -> dict:
                          f"--seq-length {seq_length} must be a multiple of it")
     pattern = NMPattern(args.N, args.M)
     model, state = _build_model(args, model_cfg, layout)
-    chunk, optimizer = _optimizer(model, args)
+    chunk, optimizer = _optimizer(model, args, layout.device)
     scaler = _grad_scaler(args, model.config)
     scheduler = lr_scheduler(optimizer, args)
     start = _restore(args, model, optimizer, scaler, pattern)
@@ -332,9 +332,12 @@ def _build_model(args: TrainArgs, cfg: ModelConfig, layout):
     return model, state
 
 
-def _optimizer(model, args: TrainArgs) -> tuple:
+def _optimizer(model, args: TrainArgs, device: torch.device) -> tuple:
     """Mask logits only, unless --train-weights: nothing else gets gradients, DDP buffers or
-    Adam state. Returns (the DDP-wrapped model chunk, the optimizer)."""
+    Adam state. Returns (the DDP-wrapped model chunk, the optimizer).
+
+    The reduction overlaps backward on GPUs; on the CPU there is nothing to overlap it with
+    (gloo's threads would only compete with the computation for the same cores)."""
     learned = 0
     for name, param in model.named_parameters():
         # logits learn unless the masks are off; other parameters only with --train-weights
@@ -344,7 +347,9 @@ def _optimizer(model, args: TrainArgs) -> tuple:
     if not learned:
         raise TrainingError("nothing to train: the model has no sparse layers")
     fmt = state_format(args.main_grads_dtype, args.exp_avg_dtype, args.exp_avg_sq_dtype)
-    chunk = wrap_model(model, fmt.main_grads_dtype, args.overlap_grad_reduce)
+    overlap = args.overlap_grad_reduce
+    chunk = wrap_model(model, fmt.main_grads_dtype,
+                       device.type == "cuda" if overlap is None else overlap)
     config = model.config  # megatron's schedules drive the gradient reduction through these
     config.no_sync_func = chunk.no_sync
     config.grad_sync_func = chunk.start_grad_sync
