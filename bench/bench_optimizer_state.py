@@ -33,11 +33,11 @@ FORMATS = {  # name -> (main grads, exp_avg, exp_avg_sq)
 def run(fmt_flags, seed: int, steps: int, width: int, batch: int, lr: float) -> dict:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from maskllm_megatron.grads import wrap_model
-    from maskllm_megatron.nm import NMPattern, hard_mask_from_logits, indices_to_mask
-    from maskllm_megatron.optim import ShardedAdamW, state_format
+    from maskllm_megatron.core.nm import NMPattern, hard_mask_from_logits, indices_to_mask
+    from maskllm_megatron.core.schedules import GumbelSchedule
     from maskllm_megatron.sampling import NoiseKey, sample_masked_weight
-    from maskllm_megatron.schedules import GumbelSchedule
+    from maskllm_megatron.training.grads import wrap_model
+    from maskllm_megatron.training.optim import ShardedAdamW, state_format
 
     pattern = NMPattern(2, 4)
     gen = torch.Generator().manual_seed(seed)
@@ -105,14 +105,14 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/optimizer_state.json")
     args = parser.parse_args()
 
-    from maskllm_megatron import runtime
+    from maskllm_megatron import distributed
     from maskllm_megatron.cpu_shims import cpu_shims
 
     results = {}
     print(f"{'optimizer state':<24} {'B/w DP=1':>9} {'B/w DP=8':>9} {'planted mask found':>19} "
           f"{'hard loss':>10}")
     with cpu_shims():
-        runtime.init_distributed(1, 1, device="cpu")
+        distributed.init_distributed(1, 1, device="cpu")
         for name, flags in FORMATS.items():
             runs = [run(flags, seed, args.steps, args.width, args.batch, args.lr)
                     for seed in range(args.seeds)]
@@ -124,7 +124,7 @@ def main() -> int:
             print(f"{name:<24} {row['bytes_per_prunable_weight_dp1']:9.2f} "
                   f"{row['bytes_per_prunable_weight_dp8']:9.2f} {row['recovered']:18.1%} "
                   f"{row['hard_loss']:10.4f}")
-        runtime.shutdown()
+        distributed.shutdown()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(settings=vars(args), results=results), indent=2))

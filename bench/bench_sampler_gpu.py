@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from maskllm_megatron.nm import NMPattern
+from maskllm_megatron.core.nm import NMPattern
 from maskllm_megatron.sampling import sample_masked_weight
 
 LLAMA2_7B = {"qkv": (12288, 4096), "proj": (4096, 4096), "fc1": (22016, 4096),

@@ -45,13 +45,13 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/train_step.json")
     args = parser.parse_args()
 
-    from maskllm_megatron import runtime
+    from maskllm_megatron import distributed
     from maskllm_megatron.cpu_shims import cpu_shims
 
-    device = runtime.select_device(args.device)
+    device = distributed.select_device(args.device)
     with cpu_shims() if device.type == "cpu" else contextlib.nullcontext():
         result = run(args, device)
-        runtime.shutdown()
+        distributed.shutdown()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -63,21 +63,21 @@ def run(args, device: torch.device) -> dict:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from maskllm_megatron import runtime
+    from maskllm_megatron import distributed
     from maskllm_megatron.cpu_shims import cuda_literals
-    from maskllm_megatron.grads import wrap_model
-    from maskllm_megatron.layers import (
+    from maskllm_megatron.model.config import ModelConfig
+    from maskllm_megatron.model.layers import (
         MaskSettings,
         SamplingState,
         attach_sampling,
         set_mask_mode,
         sparse_layers,
     )
-    from maskllm_megatron.model_config import ModelConfig
-    from maskllm_megatron.optim import ShardedAdamW, state_format
-    from maskllm_megatron.spec import build_model
+    from maskllm_megatron.model.spec import build_model
+    from maskllm_megatron.training.grads import wrap_model
+    from maskllm_megatron.training.optim import ShardedAdamW, state_format
 
-    runtime.init_distributed(1, 1, device=device)
+    distributed.init_distributed(1, 1, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = ModelConfig(transformer=dict(num_layers=args.layers, hidden_size=args.hidden,
                                        num_attention_heads=max(1, args.hidden // 64),

@@ -165,19 +165,20 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
              device: str = "auto") -> dict:
     """Run (or resume) the demo on ``device`` (the same device for every step); returns the
     results table as a dict."""
-    from . import runtime
-    from .data.preprocess import preprocess
-    from .data.tokenizer import train_tokenizer
-    from .evaluate import run_eval_ppl
-    from .export import export_hf, export_trtllm, trim
-    from .model_config import ModelConfig
-    from .prune import run_prune
-    from .train import TrainArgs, train
-    from .validate import validate_trtllm
+    from maskllm_megatron import distributed
+    from maskllm_megatron.data.preprocess import preprocess
+    from maskllm_megatron.data.tokenizer import train_tokenizer
+    from maskllm_megatron.deploy.export import export_hf, export_trtllm, trim
+    from maskllm_megatron.deploy.validate import validate_trtllm
+    from maskllm_megatron.eval.perplexity import run_eval_ppl
+    from maskllm_megatron.model.config import ModelConfig
+    from maskllm_megatron.pruning.oneshot import run_prune
+    from maskllm_megatron.training.args import TrainArgs
+    from maskllm_megatron.training.loop import train
 
     workdir = Path(workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
-    layout = runtime.init_distributed(tp, 1, device=device)
+    layout = distributed.init_distributed(tp, 1, device=device)
     steps = _Steps(workdir, layout.rank)
     corpus = workdir / "corpus"
     model_dir = workdir / "model"

@@ -39,7 +39,7 @@ def corpus(tmp_path_factory):
     """Tokenizer, indexed dataset and model config for a 2-layer GPT (seconds to build)."""
     from maskllm_megatron.data.preprocess import preprocess
     from maskllm_megatron.data.tokenizer import train_tokenizer
-    from maskllm_megatron.model_config import ModelConfig
+    from maskllm_megatron.model.config import ModelConfig
 
     root = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)

@@ -31,18 +31,18 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # several ranks share 2 cores
-    from maskllm_megatron import runtime
+    from maskllm_megatron import distributed
     from maskllm_megatron.cpu_shims import cpu_shims
 
     with cpu_shims():
         # a mismatched collective fails in 2 min
-        runtime.init_distributed(1, 1, timeout_s=120, device="cpu")
+        distributed.init_distributed(1, 1, timeout_s=120, device="cpu")
         _serve(rank, tasks, results)
-        runtime.shutdown()
+        distributed.shutdown()
 
 
 def _serve(rank: int, tasks, results) -> None:
-    from maskllm_megatron import runtime
+    from maskllm_megatron import distributed
 
     while True:
         task = tasks.get()
@@ -50,7 +50,7 @@ def _serve(rank: int, tasks, results) -> None:
             break
         fn, args, tp, pp, seed = task
         try:
-            runtime.set_model_parallel(tp, pp, seed)
+            distributed.set_model_parallel(tp, pp, seed)
             results.put((rank, True, fn(*args)))
         except BaseException:  # noqa: BLE001 - reported to the test process
             results.put((rank, False, traceback.format_exc()))

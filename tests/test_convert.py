@@ -46,7 +46,7 @@ KINDS = ["llama", "llama-tied", "nemotron", "gpt2"]
 
 CONVERT = """
 import sys
-from maskllm_megatron import convert
+from maskllm_megatron.interop import hf as convert
 from maskllm_megatron.cpu_shims import cpu_shims
 with cpu_shims():  # what `maskllm convert` does, for several models in one process
     for hf_dir, mcore, back in zip(*[iter(sys.argv[1:])] * 3):
@@ -95,10 +95,10 @@ def test_hf_to_mcore_to_hf_is_bitwise_identical(converted, kind):
 def case_logits(mcore, tokens):
     import torch.distributed as dist
 
-    from maskllm_megatron.checkpoint import load_model
-    from maskllm_megatron.model_config import ModelConfig
-    from maskllm_megatron.runtime import current_layout
-    from maskllm_megatron.spec import build_gpt_model
+    from maskllm_megatron.checkpoint.model import load_model
+    from maskllm_megatron.distributed import current_layout
+    from maskllm_megatron.model.config import ModelConfig
+    from maskllm_megatron.model.spec import build_gpt_model
 
     layout = current_layout()
     cfg = ModelConfig.load(mcore)
@@ -150,7 +150,7 @@ def test_eval_ppl_on_a_converted_model_equals_transformers_loss(corpus, tmp_path
     import transformers as tf
 
     from maskllm_megatron.data.tokenizer import load_tokenizer
-    from maskllm_megatron.evaluate import windows
+    from maskllm_megatron.eval.perplexity import windows
 
     model = _hf_model("llama")
     model.save_pretrained(tmp_path / "hf")
@@ -204,7 +204,7 @@ SHARDED = """
 import sys, torch
 from pathlib import Path
 from safetensors.torch import load_file
-from maskllm_megatron import convert
+from maskllm_megatron.interop import hf as convert
 from maskllm_megatron.cpu_shims import cpu_shims
 with cpu_shims():
     convert.mcore_to_hf(sys.argv[1], sys.argv[2], max_shard_bytes=20000, progress=False)

@@ -58,27 +58,27 @@ def test_the_shims_are_scoped_and_restored():
 
 
 def test_megatron_refuses_to_start_on_the_cpu_without_the_shims():
-    from maskllm_megatron import runtime
+    from maskllm_megatron import distributed
 
     with pytest.raises(RuntimeError, match="cpu_shims"):
-        runtime.init_distributed(1, 1, device="cpu")
+        distributed.init_distributed(1, 1, device="cpu")
 
 
 def test_device_selection():
-    from maskllm_megatron import runtime
+    from maskllm_megatron import distributed
 
-    assert runtime.select_device("cpu") == torch.device("cpu")
+    assert distributed.select_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        assert runtime.select_device("auto") == torch.device("cpu")
+        assert distributed.select_device("auto") == torch.device("cpu")
         with pytest.raises(RuntimeError, match="no CUDA device"):
-            runtime.select_device("cuda")
+            distributed.select_device("cuda")
     with pytest.raises(ValueError, match="auto, cuda, cpu"):
-        runtime.select_device("tpu")
+        distributed.select_device("tpu")
     options = type("Flags", (), {"bf16": False, "fp16": True, "fp32": False})()
-    assert runtime.params_dtype(options, torch.device("cpu")) == torch.float16
+    assert distributed.params_dtype(options, torch.device("cpu")) == torch.float16
     options.fp16 = False
-    assert runtime.params_dtype(options, torch.device("cpu")) == torch.float32
-    assert runtime.params_dtype(options, torch.device("cuda", 0)) == torch.bfloat16
+    assert distributed.params_dtype(options, torch.device("cpu")) == torch.float32
+    assert distributed.params_dtype(options, torch.device("cuda", 0)) == torch.bfloat16
 
 
 def test_every_module_imports():

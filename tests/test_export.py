@@ -11,8 +11,8 @@ import pytest
 import torch
 from cli_runner import run_cli as _run
 
-from maskllm_megatron.nm import NMPattern, is_nm_sparse, mask_from_scores
-from maskllm_megatron.validate import validate_trtllm
+from maskllm_megatron.core.nm import NMPattern, is_nm_sparse, mask_from_scores
+from maskllm_megatron.deploy.validate import validate_trtllm
 
 LAYOUTS = [(1, 1), (2, 1), (2, 2)]
 KINDS = ["gpt2", "nemotron", "llama"]
@@ -21,9 +21,10 @@ P24 = NMPattern(2, 4)
 
 EXPORTS = """
 import argparse, sys
-from maskllm_megatron import convert, export
+from maskllm_megatron.interop import hf as convert
+from maskllm_megatron.deploy import export
 from maskllm_megatron.cpu_shims import cpu_shims
-from maskllm_megatron.prune import run_prune
+from maskllm_megatron.pruning.oneshot import run_prune
 base = sys.argv[1]
 load, out = f"{base}/pruned/pruned", base
 with cpu_shims():  # maskllm convert, prune --method magnitude, export: one process
@@ -134,7 +135,7 @@ def test_rank_files_rebuild_hf_weights_times_the_mask(exported, kind):
 def test_bf16_export_and_hf_export_with_packed_masks(exported):
     import transformers as tf
 
-    from maskllm_megatron.export import apply_packed_masks, load_packed_masks
+    from maskllm_megatron.deploy.export import apply_packed_masks, load_packed_masks
 
     for kind in KINDS:
         model, base = exported[kind]
@@ -212,8 +213,8 @@ def test_the_validator_rejects_tampered_checkpoints(exported, tmp_path):
 
 
 def test_layouts_that_break_the_pattern_or_heads_are_refused():
-    from maskllm_megatron.export import ExportError, _check_layout
-    from maskllm_megatron.model_config import ModelConfig
+    from maskllm_megatron.deploy.export import ExportError, _check_layout
+    from maskllm_megatron.model.config import ModelConfig
 
     cfg = ModelConfig(transformer=dict(num_layers=2, hidden_size=64, num_attention_heads=4,
                                        num_query_groups=2, ffn_hidden_size=72),

@@ -27,9 +27,9 @@ def _config(glu: bool, query_groups=None):
 
 
 def _build(glu, query_groups=None, pattern=(2, 4), mode="learn", sparse=None, seed=11):
-    from maskllm_megatron.layers import MaskSettings, SamplingState, attach_sampling
-    from maskllm_megatron.nm import NMPattern
-    from maskllm_megatron.spec import SPARSE_LAYER_KINDS, build_gpt_model
+    from maskllm_megatron.core.nm import NMPattern
+    from maskllm_megatron.model.layers import MaskSettings, SamplingState, attach_sampling
+    from maskllm_megatron.model.spec import SPARSE_LAYER_KINDS, build_gpt_model
 
     torch.manual_seed(0)
     model = build_gpt_model(_config(glu, query_groups), VOCAB, SEQ,
@@ -81,7 +81,7 @@ def _train_step(model, state):
 
 
 def case_save_reference(path, glu):
-    from maskllm_megatron.checkpoint import save_model
+    from maskllm_megatron.checkpoint.model import save_model
 
     model, _ = _build(glu, query_groups=2)
     save_model(model, path)
@@ -90,7 +90,7 @@ def case_save_reference(path, glu):
 def case_train_step(path, glu):
     import torch.distributed as dist
 
-    from maskllm_megatron.checkpoint import global_tensors, load_model
+    from maskllm_megatron.checkpoint.model import global_tensors, load_model
 
     model, state = _build(glu, query_groups=2, seed=99)  # different init: the load must win
     load_model(model, path)
@@ -118,8 +118,8 @@ def test_gpt_loss_and_logit_grads_equal_across_tp_and_pp(dist4, tmp_path, glu):
 
 
 def case_hard_equals_dense():
-    from maskllm_megatron.layers import set_mask_mode, sparse_layers
-    from maskllm_megatron.nm import hard_mask_from_logits
+    from maskllm_megatron.core.nm import hard_mask_from_logits
+    from maskllm_megatron.model.layers import set_mask_mode, sparse_layers
 
     model, _ = _build(glu=True, query_groups=2)
     tokens = _batches()[0]
@@ -143,8 +143,8 @@ def test_hard_mode_equals_dense_model_with_masked_weights(dist4):
 def case_save_trained(path, fixed):
     import torch.distributed as dist
 
-    from maskllm_megatron.checkpoint import global_tensors, save_model
-    from maskllm_megatron.layers import fix_masks, sparse_layers
+    from maskllm_megatron.checkpoint.model import global_tensors, save_model
+    from maskllm_megatron.model.layers import fix_masks, sparse_layers
 
     model, _ = _build(glu=True, query_groups=4)
     gen = torch.Generator().manual_seed(100 + dist.get_rank())
@@ -160,7 +160,7 @@ def case_save_trained(path, fixed):
 def case_load(path, fixed):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from maskllm_megatron.checkpoint import global_tensors, load_model
+    from maskllm_megatron.checkpoint.model import global_tensors, load_model
 
     model, _ = _build(glu=True, query_groups=4, mode="fixed" if fixed else "learn", seed=5)
     own = model.sharded_state_dict
@@ -191,7 +191,7 @@ def test_checkpoint_saved_at_tp2_pp2_loads_at_tp1_and_tp4(dist4, tmp_path, fixed
 
 
 def case_load_errors(path, other):
-    from maskllm_megatron.checkpoint import load_model
+    from maskllm_megatron.checkpoint.model import load_model
 
     errors = {}
     model, _ = _build(glu=True, query_groups=4, pattern=(1, 4))
@@ -201,7 +201,7 @@ def case_load_errors(path, other):
         except ValueError as err:
             errors[name] = str(err)
     dense, _ = _build(glu=True, query_groups=4, sparse=())
-    from maskllm_megatron.checkpoint import save_model
+    from maskllm_megatron.checkpoint.model import save_model
 
     save_model(dense, other + "-dense")
     sparse, _ = _build(glu=True, query_groups=4)
@@ -229,7 +229,7 @@ def test_mismatched_checkpoints_are_clear_errors(dist4, tmp_path):
 def case_ddp_buffers_hold_no_frozen_weight():
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from maskllm_megatron.layers import sparse_layers
+    from maskllm_megatron.model.layers import sparse_layers
 
     model, _ = _build(glu=True, query_groups=2)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
@@ -247,8 +247,8 @@ def test_frozen_weights_get_no_data_parallel_gradient_buffer(dist4):
 def case_prior_from(path):
     import torch.distributed as dist
 
-    from maskllm_megatron.checkpoint import global_tensors
-    from maskllm_megatron.train import apply_prior_checkpoint
+    from maskllm_megatron.checkpoint.model import global_tensors
+    from maskllm_megatron.checkpoint.prior import apply_prior_checkpoint
 
     model, _ = _build(glu=True, query_groups=4, seed=21)
     apply_prior_checkpoint(model, path, strength=3.0)

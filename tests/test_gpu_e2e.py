@@ -13,8 +13,8 @@ import pytest
 import torch
 from cli_runner import run_cli
 
-from maskllm_megatron.nm import NMPattern, is_nm_sparse
-from maskllm_megatron.validate import validate_trtllm
+from maskllm_megatron.core.nm import NMPattern, is_nm_sparse
+from maskllm_megatron.deploy.validate import validate_trtllm
 
 pytestmark = pytest.mark.gpu
 

@@ -18,8 +18,8 @@ import math
 import pytest
 import torch
 
-from maskllm_megatron import nm
-from maskllm_megatron.nm import NMPattern
+from maskllm_megatron.core import nm
+from maskllm_megatron.core.nm import NMPattern
 from maskllm_megatron.sampling import (
     NoiseKey,
     ShardGroups,

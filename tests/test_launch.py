@@ -13,7 +13,7 @@ GIB = 2**30
 
 
 def _plan(recipe, nodes, gpus, memory, capsys):
-    from maskllm_megatron.plan import run_plan
+    from maskllm_megatron.training.plan import run_plan
 
     code = run_plan(argparse.Namespace(recipe=str(ROOT / "examples" / recipe), nodes=nodes,
                                        gpus_per_node=gpus, gpu_memory=memory))
@@ -76,8 +76,8 @@ def test_plan_refuses_what_does_not_fit_and_suggests_what_does(capsys, monkeypat
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
 def test_recipes_use_the_trainer_flags_and_state_their_hardware(recipe, monkeypatch):
-    from maskllm_megatron.model_config import ModelConfig
-    from maskllm_megatron.train import add_train_arguments, args_from_namespace
+    from maskllm_megatron.model.config import ModelConfig
+    from maskllm_megatron.training.args import add_train_arguments, args_from_namespace
 
     monkeypatch.chdir(ROOT)
     path = ROOT / "examples" / recipe

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskllm_megatron.nm import NMPattern
+from maskllm_megatron.core.nm import NMPattern
 
 
 def case_column_row_tp2(sequence_parallel: bool):
@@ -12,7 +12,7 @@ def case_column_row_tp2(sequence_parallel: bool):
     from megatron.core import parallel_state as ps
     from megatron.core.model_parallel_config import ModelParallelConfig
 
-    from maskllm_megatron.layers import (
+    from maskllm_megatron.model.layers import (
         MaskSettings,
         SamplingState,
         SparseColumnParallelLinear,
@@ -97,7 +97,7 @@ def test_sparse_column_row_at_tp2_equal_full_weight_reference(dist4, sequence_pa
 def case_indivisible_row_shard():
     from megatron.core.model_parallel_config import ModelParallelConfig
 
-    from maskllm_megatron.layers import SparseRowParallelLinear
+    from maskllm_megatron.model.layers import SparseRowParallelLinear
 
     cfg = ModelParallelConfig(tensor_model_parallel_size=2, use_cpu_initialization=True)
     try:  # 24 inputs split over TP=2 gives 12 per rank: fine; 20 gives 10: not divisible by 4
@@ -118,10 +118,10 @@ def test_indivisible_shard_is_a_clear_construction_error(dist4):
 
 
 def case_bad_layout():
-    from maskllm_megatron import runtime
+    from maskllm_megatron import distributed
 
     try:
-        runtime.set_model_parallel(3, 1)
+        distributed.set_model_parallel(3, 1)
     except ValueError as err:
         return str(err)
     return None
@@ -138,7 +138,7 @@ def case_fused_grad_accumulation_glu_tp2():
     from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
 
-    from maskllm_megatron.layers import (
+    from maskllm_megatron.model.layers import (
         MaskSettings,
         SamplingState,
         SparseColumnParallelLinear,

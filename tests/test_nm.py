@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from maskllm_megatron import nm
-from maskllm_megatron.nm import NMPattern
+from maskllm_megatron.core import nm
+from maskllm_megatron.core.nm import NMPattern
 
 PATTERNS = [NMPattern(2, 4), NMPattern(1, 4), NMPattern(2, 8), NMPattern(4, 8), NMPattern(3, 4),
             NMPattern(1, 2)]

@@ -77,8 +77,8 @@ def _train(seed, dtype, fmt, weight_decay, clip=0.0, steps=STEPS, moments=None,
     slices cut through parameters. Returns (parameters, gathered moments, norms, slices)."""
     from megatron.core import parallel_state as ps
 
-    from maskllm_megatron.grads import wrap_model
-    from maskllm_megatron.optim import ShardedAdamW
+    from maskllm_megatron.training.grads import wrap_model
+    from maskllm_megatron.training.optim import ShardedAdamW
 
     dp_rank = ps.get_data_parallel_rank()
     model = _Params(dtype, seed)
@@ -105,7 +105,7 @@ def _train(seed, dtype, fmt, weight_decay, clip=0.0, steps=STEPS, moments=None,
 
 def _f64():
     """float64 storage everywhere: the update itself is under test."""
-    from maskllm_megatron.optim import StateFormat
+    from maskllm_megatron.training.optim import StateFormat
 
     return StateFormat(torch.float64, torch.float64, torch.float64)
 
@@ -133,7 +133,7 @@ def test_sharded_adamw_in_float64_is_adamw_on_the_mean_gradient(dist4, tp):
 
 
 def case_fp32_clipped(seed, clip):
-    from maskllm_megatron.optim import StateFormat
+    from maskllm_megatron.training.optim import StateFormat
 
     fmt = StateFormat(torch.float32, torch.float32, torch.float32)
     return _train(seed, torch.float32, fmt, 0.0, clip=clip)[::2]
@@ -150,7 +150,7 @@ def test_megatron_clipping_by_the_global_norm(dist4):
 
 
 def case_bf16_storage(seed):
-    from maskllm_megatron.optim import state_format
+    from maskllm_megatron.training.optim import state_format
 
     return _train(seed, torch.float32, state_format(), 0.0, grads_fn=_resolved_grads)[0]
 
@@ -193,8 +193,8 @@ def case_state_bytes(flags):
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from maskllm_megatron.grads import wrap_model
-    from maskllm_megatron.optim import ShardedAdamW, state_format
+    from maskllm_megatron.training.grads import wrap_model
+    from maskllm_megatron.training.optim import ShardedAdamW, state_format
 
     class Logits(torch.nn.Module):
         def __init__(self):
@@ -221,7 +221,7 @@ def test_bytes_of_state_per_prunable_2_4_weight(dist4, flags, per_dp):
 
 
 def test_bad_format_flags_are_named():
-    from maskllm_megatron.optim import state_format
+    from maskllm_megatron.training.optim import state_format
 
     with pytest.raises(ValueError, match="--main-grads-dtype"):
         state_format("fp16")  # megatron's gradient clipping takes fp32 or bf16 buffers
@@ -236,14 +236,14 @@ def case_fused_accumulation_under_ddp():
     from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
 
-    from maskllm_megatron.grads import wrap_model
-    from maskllm_megatron.layers import (
+    from maskllm_megatron.core.nm import NMPattern
+    from maskllm_megatron.model.layers import (
         MaskSettings,
         SamplingState,
         SparseColumnParallelLinear,
         SparseRowParallelLinear,
     )
-    from maskllm_megatron.nm import NMPattern
+    from maskllm_megatron.training.grads import wrap_model
 
     tp = ps.get_tensor_model_parallel_world_size()
     cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from maskllm_megatron.nm import NMPattern, is_nm_sparse
-from maskllm_megatron.prune import (
+from maskllm_megatron.core.nm import NMPattern, is_nm_sparse
+from maskllm_megatron.pruning.oneshot import (
     check_method,
     damped_inverse_cholesky,
     magnitude_mask,

@@ -17,8 +17,8 @@ def _build(mode="fixed", sequence_parallel=False):
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from maskllm_megatron.layers import MaskSettings, SamplingState, attach_sampling
-    from maskllm_megatron.spec import build_gpt_model
+    from maskllm_megatron.model.layers import MaskSettings, SamplingState, attach_sampling
+    from maskllm_megatron.model.spec import build_gpt_model
 
     config = TransformerConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
@@ -44,7 +44,7 @@ def _calibration():
 
 
 def case_save_dense(path):
-    from maskllm_megatron.checkpoint import save_model
+    from maskllm_megatron.checkpoint.model import save_model
 
     save_model(_build(mode="dense"), path)
 
@@ -52,11 +52,11 @@ def case_save_dense(path):
 def case_prune(path, method, hessian, sequence_parallel=False):
     import torch.distributed as dist
 
-    from maskllm_megatron.checkpoint import global_tensors, load_model
+    from maskllm_megatron.checkpoint.model import global_tensors, load_model
     from maskllm_megatron.data.datasets import BatchLayout
-    from maskllm_megatron.evaluate import forward_passes
-    from maskllm_megatron.prune import prune_model
-    from maskllm_megatron.runtime import current_layout
+    from maskllm_megatron.distributed import current_layout
+    from maskllm_megatron.pruning.oneshot import prune_model
+    from maskllm_megatron.training.step import forward_passes
 
     model = _build(sequence_parallel=sequence_parallel)
     load_model(model, path, missing_masks="keep")
@@ -72,7 +72,7 @@ def case_prune(path, method, hessian, sequence_parallel=False):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_pruning_is_the_same_at_every_layout(dist4, tmp_path, method):
-    from maskllm_megatron.nm import NMPattern, is_nm_sparse
+    from maskllm_megatron.core.nm import NMPattern, is_nm_sparse
 
     path = str(tmp_path / "dense")
     dist4.run(case_save_dense, path)
@@ -104,8 +104,8 @@ def test_pruning_is_the_same_at_every_layout(dist4, tmp_path, method):
 
 
 def case_perplexity(path, tokens, seq_length, sequence_parallel=False):
-    from maskllm_megatron.checkpoint import load_model
-    from maskllm_megatron.evaluate import perplexity
+    from maskllm_megatron.checkpoint.model import load_model
+    from maskllm_megatron.eval.perplexity import perplexity
 
     model = _build(mode="dense", sequence_parallel=sequence_parallel)
     load_model(model, path, missing_masks="keep")
@@ -114,7 +114,7 @@ def case_perplexity(path, tokens, seq_length, sequence_parallel=False):
 
 def case_reference_nll(path, tokens, seq_length):
     """Plain forward of each window on one rank: logits -> log-softmax in float64."""
-    from maskllm_megatron.checkpoint import load_model
+    from maskllm_megatron.checkpoint.model import load_model
 
     model = _build(mode="dense")
     load_model(model, path, missing_masks="keep")

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from maskllm_megatron.schedules import GumbelSchedule, anneal
+from maskllm_megatron.core.schedules import GumbelSchedule, anneal
 
 
 def test_linear_and_cosine_endpoints_and_midpoints():

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from maskllm_megatron import spec as spec_module
-from maskllm_megatron.layers import (
+from maskllm_megatron.core.nm import NMPattern
+from maskllm_megatron.model import spec as spec_module
+from maskllm_megatron.model.layers import (
     MaskSettings,
     SparseColumnParallelLinear,
     SparseRowParallelLinear,
 )
-from maskllm_megatron.nm import NMPattern
-from maskllm_megatron.spec import LocalNorm, get_sparse_gpt_layer_spec
+from maskllm_megatron.model.spec import LocalNorm, get_sparse_gpt_layer_spec
 
 
 def _linears(spec):

@@ -106,21 +106,21 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(corpus, tm
 
 MAKE_CHECKPOINT = """  # a dense starting checkpoint, optionally with a NaN weight
 import sys, torch
-from maskllm_megatron import runtime
-from maskllm_megatron.checkpoint import save_model
+from maskllm_megatron import distributed
+from maskllm_megatron.checkpoint.model import save_model
 from maskllm_megatron.cpu_shims import cpu_shims
-from maskllm_megatron.layers import attach_sampling, SamplingState, sparse_layers
-from maskllm_megatron.model_config import ModelConfig
-from maskllm_megatron.spec import build_model
+from maskllm_megatron.model.layers import attach_sampling, SamplingState, sparse_layers
+from maskllm_megatron.model.config import ModelConfig
+from maskllm_megatron.model.spec import build_model
 with cpu_shims():
-    runtime.init_distributed(1, 1, device="cpu")
+    distributed.init_distributed(1, 1, device="cpu")
     model = build_model(ModelConfig.load(sys.argv[1]))
     attach_sampling(model, SamplingState())
     if sys.argv[3] == "nan":
         with torch.no_grad():
             sparse_layers(model)[0][1].weight[0, 0] = float("nan")
     save_model(model, sys.argv[2])
-    runtime.shutdown()
+    distributed.shutdown()
 """
 
 
@@ -139,7 +139,7 @@ def test_non_finite_steps_are_refused_and_stop_the_run(corpus, tmp_path, budget=
 def test_yaml_config_and_flags(tmp_path):
     import argparse
 
-    from maskllm_megatron.train import add_train_arguments, args_from_namespace
+    from maskllm_megatron.training.args import add_train_arguments, args_from_namespace
 
     config = tmp_path / "recipe.yaml"
     config.write_text("tensor-model-parallel-size: 2\ntrain_iters: 50\n"
@@ -208,7 +208,8 @@ def test_train_weights_with_masks_off_is_dense_pretraining(corpus, tmp_path, tp=
 def case_train(corpus, save, iters, flags=None):
     from megatron.core import parallel_state as ps
 
-    from maskllm_megatron.train import TrainArgs, train
+    from maskllm_megatron.training.args import TrainArgs
+    from maskllm_megatron.training.loop import train
 
     args = TrainArgs(model_config=str(corpus / "model"), data_path=[str(corpus / "data" / "docs")],
                      split="90,10,0", micro_batch_size=2, global_batch_size=4, seq_length=32,
@@ -221,11 +222,11 @@ def case_train(corpus, save, iters, flags=None):
 
 def case_save_start(corpus, path):
     """A dense starting checkpoint (the fresh model and its initial logits)."""
-    from maskllm_megatron.checkpoint import save_model
-    from maskllm_megatron.layers import SamplingState, attach_sampling
-    from maskllm_megatron.model_config import ModelConfig
-    from maskllm_megatron.runtime import current_layout
-    from maskllm_megatron.spec import build_model
+    from maskllm_megatron.checkpoint.model import save_model
+    from maskllm_megatron.distributed import current_layout
+    from maskllm_megatron.model.config import ModelConfig
+    from maskllm_megatron.model.layers import SamplingState, attach_sampling
+    from maskllm_megatron.model.spec import build_model
 
     layout = current_layout()
     model = build_model(ModelConfig.load(corpus / "model"), tp=layout.tp, pp=layout.pp)
@@ -281,7 +282,7 @@ def test_fp16_uses_megatron_loss_scaling_and_resumes_exactly(dist4, corpus, tmp_
 
 def test_bf16_weights_train_and_their_checkpoint_exports_in_fp32(dist4, corpus, tmp_path):
     """What a GPU run writes (bf16 frozen weights) exports on the CPU in fp32."""
-    from maskllm_megatron.validate import validate_trtllm
+    from maskllm_megatron.deploy.validate import validate_trtllm
 
     save = tmp_path / "run"
     dist4.run(case_train, corpus, save, 1, {"bf16": True}, tp=4)

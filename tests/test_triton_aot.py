@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton", reason="the AOT check compiles with triton's own compiler")
 
-from maskllm_megatron.nm import NMPattern  # noqa: E402
+from maskllm_megatron.core.nm import NMPattern  # noqa: E402
 from maskllm_megatron.sampling import (  # noqa: E402
     NoiseKey,
     ShardGroups,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .tokenizer import load_tokenizer
+from maskllm_megatron.data.tokenizer import load_tokenizer
 
 
 def _documents(paths: list[Path], json_key: str):

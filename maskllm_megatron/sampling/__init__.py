@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..nm import NMPattern, as_pattern, check_logits, hard_mask_from_logits
-from . import cpu_kernel, torch_path, triton_kernel
-from .noise import NoiseKey, ShardGroups
+from maskllm_megatron.core.nm import NMPattern, as_pattern, check_logits, hard_mask_from_logits
+from maskllm_megatron.sampling import cpu_kernel, torch_path, triton_kernel
+from maskllm_megatron.sampling.noise import NoiseKey, ShardGroups
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
 

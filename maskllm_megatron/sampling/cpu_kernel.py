@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..nm import NMPattern
+from maskllm_megatron.core.nm import NMPattern
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 # -ffast-math lets GCC call glibc's vector logf/expf; inputs are finite by construction

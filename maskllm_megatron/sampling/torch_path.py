@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .noise import gumbel_noise
+from maskllm_megatron.sampling.noise import gumbel_noise
 
 CHUNK_GROUPS = 1 << 15
 

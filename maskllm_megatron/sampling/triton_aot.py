@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from ..nm import NMPattern
-from . import triton_kernel as tk
-from .noise import ShardGroups
+from maskllm_megatron.core.nm import NMPattern
+from maskllm_megatron.sampling import triton_kernel as tk
+from maskllm_megatron.sampling.noise import ShardGroups
 
 AVAILABLE = tk.triton is not None
 ARCHS = (80, 90)
@@ -92,7 +92,7 @@ def launch(call: Call, *, key: int = 0, rows: int = 1, groups: int = 1,
            tau: float = 1.0):
     """``(kernel, args, meta)`` the launcher builds for ``call`` on small CPU tensors, with the
     GPU launch configuration. ``offset`` elements in front make every input a misaligned view."""
-    from . import SampleSpec
+    from maskllm_megatron.sampling import SampleSpec
 
     pattern = NMPattern(*map(int, call.pattern.split(":")))
     dtype = DTYPES[call.dtype]

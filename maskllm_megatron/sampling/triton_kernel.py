@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from ..nm import NMPattern
+from maskllm_megatron.core.nm import NMPattern
 
 try:  # triton is optional: GPU images and the dev extra have it
     import triton

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model_config import ModelConfig
+from maskllm_megatron.model.config import ModelConfig
 
 HEADROOM = 0.9
 

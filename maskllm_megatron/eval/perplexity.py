@@ -21,40 +21,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from tqdm import tqdm
 
-from . import runtime
-from .cpu_shims import cuda_literals
-from .data.datasets import batch_for
+from maskllm_megatron import distributed
+from maskllm_megatron.checkpoint.model import load_sparse_model
+from maskllm_megatron.checkpoint.run_dir import model_dir
+from maskllm_megatron.cpu_shims import cuda_literals
 
 MODES = ("auto", "dense")
-
-
-def forward_passes(model, dataset, batches, seq_length: int, iterations: int = 1,
-                   dp_rank: int = 0) -> list[float]:
-    """Forward-only over ``iterations`` global batches through megatron's schedule (any PP);
-    returns the LM losses of the micro-batches on the last stage (empty elsewhere)."""
-    device = runtime.device()
-    losses: list[torch.Tensor] = []
-    for it in range(iterations):
-        counter = iter(range(batches.num_microbatches))
-
-        def forward_step(data_iterator, model, it=it, counter=counter):
-            batch = batch_for(dataset, batches, it, next(counter), dp_rank, device)
-            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-            mask = batch["loss_mask"].float()
-
-            def loss_func(output_tensor):
-                loss = (output_tensor.float() * mask).sum() / mask.sum()
-                return loss, {"lm loss": loss.detach().clone()}
-
-            return output, loss_func
-
-        with torch.no_grad(), cuda_literals():
-            result = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=None, model=[model],
-                num_microbatches=batches.num_microbatches, seq_length=seq_length,
-                micro_batch_size=batches.micro_batch_size, forward_only=True)
-        losses.extend(d["lm loss"] for d in result or [])
-    return torch.stack(losses).tolist() if losses else []  # one host sync
 
 
 def windows(tokens: torch.Tensor, seq_length: int) -> list[torch.Tensor]:
@@ -112,7 +84,7 @@ def perplexity(model, tokens: torch.Tensor, seq_length: int, micro_batch_size: i
     the padding out of every predicted token, and it is not counted.
     """
     model.eval()
-    device = runtime.device()
+    device = distributed.device()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     all_windows = windows(tokens, seq_length)
     if not all_windows:
@@ -150,61 +122,15 @@ def read_text_tokens(path: str | Path, tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer.tokenize(text), dtype=torch.long)
 
 
-def checkpoint_mask_mode(path: str | Path) -> str:
-    """How a checkpoint's masks are applied: logits -> hard (argmax), indices -> fixed,
-    none, or a run with masks off (``--dense`` training) -> dense."""
-    from .checkpoint import read_sidecar
-
-    sidecar = read_sidecar(path) or {}
-    if sidecar.get("mask_modes") == ["dense"]:
-        return "dense"
-    keys = sidecar.get("mask_tensors", {})
-    if any(k.endswith(".mask_logits") for k in keys):
-        return "hard"
-    if any(k.endswith(".mask_indices") for k in keys):
-        return "fixed"
-    return "dense"
-
-
-def load_sparse_model(path: str | Path, cfg, pattern, seed: int = 1234, masks: str = "auto",
-                      params_dtype: torch.dtype | None = None, sequence_parallel: bool = False,
-                      transformer_impl: str | None = None):
-    """Build the model at the current TP x PP on this rank's device and load ``path`` with its
-    masks applied: the argmax of learned logits (hard), fixed masks, or none. Returns (model,
-    mode, pattern); the pattern recorded in the checkpoint wins over ``pattern``."""
-    from .checkpoint import load_model, read_sidecar
-    from .layers import MaskSettings, SamplingState, attach_sampling, set_mask_mode
-    from .nm import NMPattern
-    from .spec import build_model
-
-    layout = runtime.current_layout()
-    stored = checkpoint_mask_mode(path)
-    recorded = (read_sidecar(path) or {}).get("pattern")
-    pattern = NMPattern.parse(recorded) if recorded else pattern
-    build_mode = {"hard": "learn", "fixed": "fixed", "dense": "dense"}[stored]
-    model = build_model(cfg, MaskSettings(pattern=pattern, mode=build_mode), tp=layout.tp,
-                        pp=layout.pp, device=layout.device, params_dtype=params_dtype,
-                        sequence_parallel=sequence_parallel, transformer_impl=transformer_impl)
-    attach_sampling(model, SamplingState(seed=seed), init_logits=False)
-    load_model(model, path, missing_masks="keep" if stored == "dense" else "error")
-    model.eval()
-    if stored == "hard":
-        set_mask_mode(model, "hard")
-    if masks == "dense" or stored == "dense":
-        set_mask_mode(model, "dense")
-    return model, ("dense" if masks == "dense" else stored), pattern
-
-
 def run_eval_ppl(args) -> dict:
     """``maskllm eval-ppl``: load a dense, pruned or mask-learned checkpoint and report PPL."""
-    from .data.tokenizer import load_tokenizer
-    from .model_config import ModelConfig
-    from .nm import NMPattern
-    from .train import model_dir
+    from maskllm_megatron.core.nm import NMPattern
+    from maskllm_megatron.data.tokenizer import load_tokenizer
+    from maskllm_megatron.model.config import ModelConfig
 
     if args.masks not in MODES:
         raise ValueError(f"--masks must be one of {', '.join(MODES)}")
-    layout = runtime.init_distributed(args.tensor_model_parallel_size,
+    layout = distributed.init_distributed(args.tensor_model_parallel_size,
                                       args.pipeline_model_parallel_size, args.seed,
                                       device=args.device)
     path = model_dir(args.load)
@@ -215,7 +141,7 @@ def run_eval_ppl(args) -> dict:
                          f"max_sequence_length {cfg.max_sequence_length}")
     model, applied, _ = load_sparse_model(
         path, cfg, NMPattern(args.N, args.M), args.seed, args.masks,
-        params_dtype=runtime.params_dtype(args, layout.device),
+        params_dtype=distributed.params_dtype(args, layout.device),
         sequence_parallel=args.sequence_parallel, transformer_impl=args.transformer_impl)
     tokenizer = load_tokenizer(args.tokenizer or cfg.tokenizer)
     tokens = read_text_tokens(args.text, tokenizer)

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from .nm import NMPattern, check_groupable, mask_from_scores
+from maskllm_megatron.core.nm import NMPattern, check_groupable, mask_from_scores
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -186,7 +186,7 @@ def _prune_layer(layer, stat, method: str, gather: bool, update: bool, what: str
     """Set the layer's fixed mask (``mask_indices``) and its pruned weight."""
     from megatron.core import parallel_state as ps
 
-    from .nm import mask_to_indices
+    from maskllm_megatron.core.nm import mask_to_indices
 
     pattern = layer.mask_settings.pattern
     weight = layer.weight
@@ -220,7 +220,7 @@ def prune_model(model, forward_calibration, method: str, *, update: bool = False
     """
     from tqdm import tqdm
 
-    from .layers import set_mask_mode, sparse_layers
+    from maskllm_megatron.model.layers import set_mask_mode, sparse_layers
 
     check_method(method)
     if row_parallel_hessian not in ("gather", "shard"):
@@ -256,7 +256,7 @@ def available_tokens(data_path: list[str]) -> int:
     """Tokens in the indexed datasets named by ``--data-path`` (blend weights ignored)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from .data.datasets import parse_blend
+    from maskllm_megatron.data.datasets import parse_blend
 
     prefixes, _ = parse_blend(data_path)
     total = 0
@@ -274,19 +274,24 @@ def run_prune(args) -> dict:
 
     import torch.distributed as dist
 
-    from . import runtime
-    from .checkpoint import load_model, save_model
-    from .data.datasets import BatchLayout, build_gpt_datasets
-    from .data.tokenizer import load_tokenizer
-    from .evaluate import forward_passes
-    from .layers import MaskSettings, SamplingState, attach_sampling, sparse_layers
-    from .model_config import ModelConfig
-    from .spec import build_model
-    from .train import model_dir
+    from maskllm_megatron import distributed
+    from maskllm_megatron.checkpoint.model import load_model, save_model
+    from maskllm_megatron.checkpoint.run_dir import model_dir
+    from maskllm_megatron.data.datasets import BatchLayout, build_gpt_datasets
+    from maskllm_megatron.data.tokenizer import load_tokenizer
+    from maskllm_megatron.model.config import ModelConfig
+    from maskllm_megatron.model.layers import (
+        MaskSettings,
+        SamplingState,
+        attach_sampling,
+        sparse_layers,
+    )
+    from maskllm_megatron.model.spec import build_model
+    from maskllm_megatron.training.step import forward_passes
 
     method = check_method(args.method)
     pattern = NMPattern(args.N, args.M)
-    layout = runtime.init_distributed(args.tensor_model_parallel_size,
+    layout = distributed.init_distributed(args.tensor_model_parallel_size,
                                       args.pipeline_model_parallel_size, args.seed,
                                       device=args.device)
     cfg = ModelConfig.load(args.model_config or args.load)
@@ -296,7 +301,7 @@ def run_prune(args) -> dict:
                          f"--seq-length {seq_length} must be a multiple of it")
     model = build_model(cfg, MaskSettings(pattern=pattern, mode="fixed"), tp=layout.tp,
                         pp=layout.pp, device=layout.device,
-                        params_dtype=runtime.params_dtype(args, layout.device),
+                        params_dtype=distributed.params_dtype(args, layout.device),
                         sequence_parallel=args.sequence_parallel,
                         transformer_impl=args.transformer_impl)
     attach_sampling(model, SamplingState(seed=args.seed), init_logits=False)
@@ -327,7 +332,7 @@ def run_prune(args) -> dict:
     save_model(model, out / "pruned")
     save_model(model, out / "masks", masks_only=True)
     if layout.rank == 0:
-        from .model_config import copy_model_files
+        from maskllm_megatron.model.config import copy_model_files
 
         source = Path(args.model_config or args.load)
         source = source if source.is_dir() else source.parent

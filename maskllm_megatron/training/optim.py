@@ -22,7 +22,6 @@ reason (fp32 state); the update runs over a few large flat slices per bucket, in
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
-from .cpu_shims import cuda_literals
+from maskllm_megatron.cpu_shims import cuda_literals
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRAD_DTYPES = ("fp32", "bf16")  # what megatron's gradient clipping accepts
@@ -261,20 +260,3 @@ class ShardedAdamW:
 def _counted_in_norm(param: torch.nn.Parameter) -> bool:
     """Not a tied copy and not a TP duplicate (megatron's rule for gradient norms)."""
     return param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param)
-
-
-def moment_entries(entries: dict[int, object], params: list[torch.nn.Parameter],
-                   moments: dict[int, dict[str, torch.Tensor]]) -> dict[str, object]:
-    """Sharded-checkpoint entries for parameter-shaped moments, laid out like their parameters
-    (``entries``: id(param) -> the parameter's ShardedTensor or factory), so a checkpoint
-    written at one TP x PP x DP layout loads at any other. Dict keys only tell the entries
-    apart; the checkpoint matches them by the parameters' keys and offsets."""
-    sharded = {}
-    for index, param in enumerate(params):
-        entry = entries[id(param)]
-        is_factory = not hasattr(entry, "dtype")  # megatron's SwiGLU factory has none
-        for name, tensor in moments[id(param)].items():
-            extra = {} if is_factory else {"dtype": tensor.dtype}
-            sharded[f"{name}:{index}"] = dataclasses.replace(
-                entry, key=f"optimizer.{name}.{entry.key}", data=tensor, **extra)
-    return sharded

@@ -17,7 +17,16 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-from .layers import sparse_layers
+from maskllm_megatron import distributed
+from maskllm_megatron.core.nm import NMPattern
+from maskllm_megatron.model.layers import (
+    MaskSettings,
+    SamplingState,
+    attach_sampling,
+    set_mask_mode,
+    sparse_layers,
+)
+from maskllm_megatron.model.spec import build_model
 
 SIDECAR = "maskllm.json"
 FORMAT_VERSION = 1
@@ -193,3 +202,41 @@ def global_tensors(model, suffixes=MASK_SUFFIXES, grads: bool = False) -> dict[s
                 slice(o, o + s) for o, s in zip(offset[prepended:], tensor.shape, strict=True))
             full[index] = tensor
     return out
+
+
+def checkpoint_mask_mode(path: str | Path) -> str:
+    """How a checkpoint's masks are applied: logits -> hard (argmax), indices -> fixed,
+    none, or a run with masks off (``--dense`` training) -> dense."""
+    sidecar = read_sidecar(path) or {}
+    if sidecar.get("mask_modes") == ["dense"]:
+        return "dense"
+    keys = sidecar.get("mask_tensors", {})
+    if any(k.endswith(".mask_logits") for k in keys):
+        return "hard"
+    if any(k.endswith(".mask_indices") for k in keys):
+        return "fixed"
+    return "dense"
+
+
+def load_sparse_model(path: str | Path, cfg, pattern, seed: int = 1234, masks: str = "auto",
+                      params_dtype: torch.dtype | None = None, sequence_parallel: bool = False,
+                      transformer_impl: str | None = None):
+    """Build the model at the current TP x PP on this rank's device and load ``path`` with its
+    masks applied: the argmax of learned logits (hard), fixed masks, or none. Returns (model,
+    mode, pattern); the pattern recorded in the checkpoint wins over ``pattern``."""
+    layout = distributed.current_layout()
+    stored = checkpoint_mask_mode(path)
+    recorded = (read_sidecar(path) or {}).get("pattern")
+    pattern = NMPattern.parse(recorded) if recorded else pattern
+    build_mode = {"hard": "learn", "fixed": "fixed", "dense": "dense"}[stored]
+    model = build_model(cfg, MaskSettings(pattern=pattern, mode=build_mode), tp=layout.tp,
+                        pp=layout.pp, device=layout.device, params_dtype=params_dtype,
+                        sequence_parallel=sequence_parallel, transformer_impl=transformer_impl)
+    attach_sampling(model, SamplingState(seed=seed), init_logits=False)
+    load_model(model, path, missing_masks="keep" if stored == "dense" else "error")
+    model.eval()
+    if stored == "hard":
+        set_mask_mode(model, "hard")
+    if masks == "dense" or stored == "dense":
+        set_mask_mode(model, "dense")
+    return model, ("dense" if masks == "dense" else stored), pattern

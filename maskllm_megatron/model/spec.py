@@ -33,8 +33,12 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from .cpu_shims import cuda_literals
-from .layers import MaskSettings, SparseColumnParallelLinear, SparseRowParallelLinear
+from maskllm_megatron.cpu_shims import cuda_literals
+from maskllm_megatron.model.layers import (
+    MaskSettings,
+    SparseColumnParallelLinear,
+    SparseRowParallelLinear,
+)
 
 SPARSE_LAYER_KINDS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .model_config import ModelConfig
+from maskllm_megatron.model.config import ModelConfig
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "NemotronForCausalLM": "nemotron",
              "GPT2LMHeadModel": "gpt2"}
@@ -382,7 +382,7 @@ class _HFReader:
 
 
 def _build_dense_model(cfg: ModelConfig):
-    from .spec import build_gpt_model
+    from maskllm_megatron.model.spec import build_gpt_model
 
     config = cfg.transformer_config(1, 1, perform_initialization=False)
     return build_gpt_model(
@@ -409,8 +409,8 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
     """Convert an HF directory into a megatron-core checkpoint directory (see module doc)."""
     from tqdm import tqdm
 
-    from . import runtime
-    from .checkpoint import save_model
+    from maskllm_megatron import distributed
+    from maskllm_megatron.checkpoint.model import save_model
 
     hf_dir, out = Path(hf_dir), Path(out)
     if not (hf_dir / "config.json").exists():
@@ -420,7 +420,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
     cfg = model_config_from_hf(hf, tp, divisible_by)
     check_parallel(cfg.transformer, tp, pp)
     reader = _HFReader(hf_dir)
-    runtime.init_distributed(1, 1, device="cpu")
+    distributed.init_distributed(1, 1, device="cpu")
     model = _build_dense_model(cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     written: set[str] = set()
@@ -462,9 +462,9 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from . import runtime
-    from .checkpoint import load_model
-    from .train import model_dir
+    from maskllm_megatron import distributed
+    from maskllm_megatron.checkpoint.model import load_model
+    from maskllm_megatron.checkpoint.run_dir import model_dir
 
     mcore_dir, out = Path(mcore_dir), Path(out)
     source = model_dir(mcore_dir)
@@ -480,7 +480,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
         hf = hf_config_from_model_config(ModelConfig.load(config_dir))
     cfg = ModelConfig.load(config_dir)
     if _state is None:
-        runtime.init_distributed(1, 1, device="cpu")
+        distributed.init_distributed(1, 1, device="cpu")
         model = _build_dense_model(cfg)
         load_model(model, source, missing_masks="keep")
         state = model.state_dict()

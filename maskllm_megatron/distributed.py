@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import cpu_shims
+from maskllm_megatron import cpu_shims
 
 DEVICES = ("auto", "cuda", "cpu")
 _DEVICE: torch.device | None = None

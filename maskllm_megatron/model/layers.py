@@ -32,9 +32,9 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from .nm import NMPattern, hard_mask_from_logits, indices_to_mask
-from .sampling import NoiseKey, ShardGroups, sample_masked_weight
-from .sampling.noise import counter_normal
+from maskllm_megatron.core.nm import NMPattern, hard_mask_from_logits, indices_to_mask
+from maskllm_megatron.sampling import NoiseKey, ShardGroups, sample_masked_weight
+from maskllm_megatron.sampling.noise import counter_normal
 
 MODES = ("learn", "hard", "fixed", "dense")
 # layer kinds as megatron names their TP communication buffers; part of each layer's noise id
@@ -143,7 +143,7 @@ class _SparseLinear:
                 weight.dtype)
         if self.sampling is None or self.layer_id is None:
             raise RuntimeError(f"{type(self).__name__} ({self.kind}) is in learn mode but has no "
-                               "sampling state: call maskllm_megatron.layers.attach_sampling("
+                               "sampling state: call maskllm_megatron.model.layers.attach_sampling("
                                "model, state) after building the model")
         s = self.sampling
         key = NoiseKey(seed=s.seed, layer=self.layer_id, iteration=s.iteration,

@@ -13,9 +13,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import __version__
-    from .sampling import cpu_kernel, triton_kernel
-    from .spec import apex_layer_norm, transformer_engine_modules
+    from maskllm_megatron import __version__
+    from maskllm_megatron.model.spec import apex_layer_norm, transformer_engine_modules
+    from maskllm_megatron.sampling import cpu_kernel, triton_kernel
 
     def version(name: str) -> str:
         try:
@@ -53,7 +53,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
-    from .data.tokenizer import train_tokenizer
+    from maskllm_megatron.data.tokenizer import train_tokenizer
 
     path = train_tokenizer(args.input, args.model_prefix, args.vocab_size, args.model_type)
     print(f"wrote {path}")
@@ -61,7 +61,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from .data.preprocess import preprocess
+    from maskllm_megatron.data.preprocess import preprocess
 
     stats = preprocess(args.input, args.tokenizer, args.output_prefix, args.json_key)
     print(f"{stats['documents']} documents, {stats['tokens']} tokens -> "
@@ -71,15 +71,17 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 def _on_device(device: str | None):
     """The CPU shims around a run whose ranks compute on the CPU; nothing on a GPU."""
-    from . import runtime
-    from .cpu_shims import cpu_shims
+    from maskllm_megatron import distributed
+    from maskllm_megatron.cpu_shims import cpu_shims
 
-    chosen = runtime.select_device(device or "auto")
+    chosen = distributed.select_device(device or "auto")
     return cpu_shims() if chosen.type == "cpu" else contextlib.nullcontext()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainingError, args_from_namespace, train
+    from maskllm_megatron.errors import TrainingError
+    from maskllm_megatron.training.args import args_from_namespace
+    from maskllm_megatron.training.loop import train
 
     try:
         train_args = args_from_namespace(args)
@@ -89,9 +91,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"maskllm train: {err}", file=sys.stderr)
         return 1
     finally:
-        from . import runtime
+        from maskllm_megatron import distributed
 
-        runtime.shutdown()
+        distributed.shutdown()
     if metrics:
         print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in metrics.items()))
@@ -101,7 +103,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _run_distributed(fn, args: argparse.Namespace, name: str) -> int:
     """Run a distributed command on its device (conversion and export: the CPU); a bad input
     is one clear line on stderr, exit code 1."""
-    from . import runtime
+    from maskllm_megatron import distributed
 
     try:
         with _on_device(getattr(args, "device", "cpu")):
@@ -110,24 +112,24 @@ def _run_distributed(fn, args: argparse.Namespace, name: str) -> int:
         print(f"maskllm {name}: {err}", file=sys.stderr)
         return 1
     finally:
-        runtime.shutdown()
+        distributed.shutdown()
     return 0
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .prune import run_prune
+    from maskllm_megatron.pruning.oneshot import run_prune
 
     return _run_distributed(run_prune, args, "prune")
 
 
 def _cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from .evaluate import run_eval_ppl
+    from maskllm_megatron.eval.perplexity import run_eval_ppl
 
     return _run_distributed(run_eval_ppl, args, "eval-ppl")
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from . import convert
+    from maskllm_megatron.interop import hf as convert
 
     def run(a):
         if a.direction == "hf-to-mcore":
@@ -142,14 +144,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_trim(args: argparse.Namespace) -> int:
-    from .export import trim
+    from maskllm_megatron.deploy.export import trim
 
     return _run_distributed(lambda a: trim(a.checkpoint, a.out, a.N, a.M), args, "trim")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from . import export
-    from .validate import format_report, validate_trtllm
+    from maskllm_megatron.deploy import export
+    from maskllm_megatron.deploy.validate import format_report, validate_trtllm
 
     def run(a):
         if a.target == "trtllm":
@@ -165,7 +167,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import format_report, validate_trtllm
+    from maskllm_megatron.deploy.validate import format_report, validate_trtllm
 
     report = validate_trtllm(args.directory, args.N, args.M)
     print(format_report(report))
@@ -173,14 +175,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+    from maskllm_megatron.demo import main as demo_main
 
     return _run_distributed(demo_main, args, "demo") if args.tp == 1 or \
         "WORLD_SIZE" in __import__("os").environ else demo_main(args)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import run_plan
+    from maskllm_megatron.training.plan import run_plan
 
     try:
         return run_plan(args)
@@ -224,7 +226,7 @@ def _add_device_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from maskllm_megatron import __version__
 
     parser = argparse.ArgumentParser(
         prog="maskllm", description="Learnable N:M sparsity (MaskLLM) for megatron-core models.")
@@ -248,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--json-key", default="text")
     pre.set_defaults(func=_cmd_preprocess)
 
-    from .train import add_train_arguments
+    from maskllm_megatron.training.args import add_train_arguments
 
     trn = sub.add_parser("train", help="learn N:M masks (or train weights) with TP/PP/DP")
     add_train_arguments(trn)
@@ -384,6 +386,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return args.func(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

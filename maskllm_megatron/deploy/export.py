@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .model_config import ModelConfig
-from .nm import NMPattern, is_nm_sparse
+from maskllm_megatron.core.nm import NMPattern, is_nm_sparse
+from maskllm_megatron.model.config import ModelConfig
 
 TRT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -42,11 +42,11 @@ def _finish_dir(tmp: Path, out: Path) -> None:
 def _load(load: str | Path, n: int = 2, m: int = 4):
     """(model at TP=1 x PP=1 with its masks applied, ModelConfig, mask mode, pattern, the
     directory holding model_config.json, the model checkpoint directory)."""
-    from . import runtime
-    from .evaluate import load_sparse_model
-    from .train import model_dir
+    from maskllm_megatron import distributed
+    from maskllm_megatron.checkpoint.model import load_sparse_model
+    from maskllm_megatron.checkpoint.run_dir import model_dir
 
-    runtime.init_distributed(1, 1, device="cpu")
+    distributed.init_distributed(1, 1, device="cpu")
     source = model_dir(load)
     config_dir = next((d for d in (Path(load), source, source.parent)
                        if (d / "model_config.json").exists()), None)
@@ -60,7 +60,7 @@ def _load(load: str | Path, n: int = 2, m: int = 4):
 @torch.no_grad()
 def masked_state(model) -> dict[str, torch.Tensor]:
     """The model's state dict with every sparse layer's weight multiplied by its mask."""
-    from .layers import sparse_layers
+    from maskllm_megatron.model.layers import sparse_layers
 
     state = {k: v for k, v in model.state_dict().items()
              if not k.endswith(("_extra_state", "mask_logits", "mask_indices"))}
@@ -76,8 +76,8 @@ def masked_state(model) -> dict[str, torch.Tensor]:
 def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> list[tuple]:
     """Hard masks from a training checkpoint: argmax of the logits, stored as candidate indices
     (uint8, one per group). Logits and optimizer state are dropped. Returns the table rows."""
-    from .checkpoint import save_model
-    from .layers import fix_masks, sparse_layers
+    from maskllm_megatron.checkpoint.model import save_model
+    from maskllm_megatron.model.layers import fix_masks, sparse_layers
 
     model, cfg, mode, pattern, config_dir, source = _load(load, n, m)
     if mode == "dense":
@@ -92,7 +92,7 @@ def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> list[tupl
     for name, layer in sparse_layers(model):
         weight = layer.masked_weight(layer.weight)
         rows.append((name, tuple(weight.shape), float((weight == 0).double().mean())))
-    from .model_config import copy_model_files
+    from maskllm_megatron.model.config import copy_model_files
 
     out = Path(out)
     tmp = _atomic_dir(out)
@@ -115,7 +115,7 @@ def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> list[tupl
 
 
 def _packed_bits(pattern: NMPattern) -> float:
-    from .nm import bits_per_weight
+    from maskllm_megatron.core.nm import bits_per_weight
 
     return bits_per_weight(pattern)
 
@@ -199,7 +199,7 @@ def _check_layout(cfg: ModelConfig, tp: int, pp: int, pattern: NMPattern) -> Non
 
 def _rank_tensors(state: dict, cfg: ModelConfig, tp: int, pp: int, tp_rank: int,
                   pp_rank: int) -> dict[str, torch.Tensor]:
-    from .convert import _qkv_from_mcore
+    from maskllm_megatron.interop.hf import _qkv_from_mcore
 
     t = cfg.transformer
     kind = _trt_kind(cfg)
@@ -283,7 +283,7 @@ def export_trtllm(load: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from .validate import SPARSE_SUFFIXES, format_report, validate_trtllm
+    from maskllm_megatron.deploy.validate import SPARSE_SUFFIXES, format_report, validate_trtllm
 
     if dtype not in TRT_DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(TRT_DTYPES)}")
@@ -329,8 +329,8 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     :func:`nm.bits_per_weight` bits per weight (0.667 for 2:4)."""
     from safetensors.torch import save_file
 
-    from .convert import HF_CONFIG, _Mapping, architecture, mcore_to_hf
-    from .nm import mask_to_indices, pack_indices
+    from maskllm_megatron.core.nm import mask_to_indices, pack_indices
+    from maskllm_megatron.interop.hf import HF_CONFIG, _Mapping, architecture, mcore_to_hf
 
     model, cfg, mode, pattern, config_dir, _ = _load(load, n, m)
     if mode == "dense":
@@ -338,11 +338,11 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     if (config_dir / HF_CONFIG).exists():
         hf = json.loads((config_dir / HF_CONFIG).read_text())
     else:
-        from .convert import hf_config_from_model_config
+        from maskllm_megatron.interop.hf import hf_config_from_model_config
 
         hf = hf_config_from_model_config(cfg)
     state = masked_state(model)
-    from .layers import sparse_layers
+    from maskllm_megatron.model.layers import sparse_layers
 
     masks = dict(state)
     for name, layer in sparse_layers(model):
@@ -379,7 +379,7 @@ def load_packed_masks(directory: str | Path) -> dict[str, torch.Tensor]:
     """HF parameter name -> boolean mask (True = kept), from ``nm_masks.safetensors``."""
     from safetensors import safe_open
 
-    from .nm import indices_to_mask, unpack_indices
+    from maskllm_megatron.core.nm import indices_to_mask, unpack_indices
 
     path = Path(directory) / MASKS_FILE
     masks = {}

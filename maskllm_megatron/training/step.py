@@ -1,0 +1,132 @@
+"""One training step and the forward passes around it, on megatron's pipeline schedules.
+
+The language-model loss is written once (:func:`masked_lm_loss`); training, validation and
+pruning's calibration all reach the model through :func:`forward_backward` and
+:func:`forward_passes`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from maskllm_megatron import distributed
+from maskllm_megatron.cpu_shims import cuda_literals
+from maskllm_megatron.data.datasets import batch_for
+from maskllm_megatron.model.layers import regularizer, set_mask_mode, sparse_layers
+
+
+def masked_lm_loss(output_tensor: torch.Tensor, loss_mask: torch.Tensor):
+    """Mean per-token LM loss over the tokens ``loss_mask`` keeps: megatron's loss_func
+    contract, ``(loss, {"lm loss": loss})``."""
+    mask = loss_mask.float()
+    loss = (output_tensor.float() * mask).sum() / mask.sum()
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+class _AuxLoss(torch.autograd.Function):
+    """Identity on ``output`` whose backward also sends ``scale`` into ``aux`` (megatron's
+    MoE aux-loss idiom): adds a stage-local term to the loss on any pipeline stage."""
+
+    @staticmethod
+    def forward(ctx, output, aux, scale):
+        ctx.scale = scale
+        ctx.aux_shape, ctx.aux_device = aux.shape, aux.device
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32,
+                                       device=ctx.aux_device), None
+
+
+def forward_backward(chunk, state, dataset, batches, iteration, seq_length, reg_weight,
+                      device) -> tuple[float, float]:
+    """megatron's forward-backward over this iteration's micro-batches; (loss, regulariser)
+    averaged over micro-batches and data parallel, the same on every rank."""
+    microbatch = iter(range(batches.num_microbatches))
+    regs: list[torch.Tensor] = []
+
+    def forward_step(data_iterator, model):
+        k = next(microbatch)
+        state.microbatch = k
+        batch = batch_for(dataset, batches, iteration, k, state.dp_rank, device)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        reg = regularizer(model)
+        if reg is not None:
+            regs.append(reg.detach())
+            if reg_weight > 0:  # this stage's (and TP shard's) term, on every stage
+                output = _AuxLoss.apply(output, reg, reg_weight / batches.num_microbatches)
+        mask = batch["loss_mask"].float()
+
+        def loss_func(output_tensor):
+            loss = (output_tensor.float() * mask).sum() / mask.sum()
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    with cuda_literals():
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=None, model=[chunk],
+            num_microbatches=batches.num_microbatches, seq_length=seq_length,
+            micro_batch_size=batches.micro_batch_size, forward_only=False)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    if losses:  # the loss lives on the last stage: share it along the pipeline
+        totals[0] = torch.stack([d["lm loss"] for d in losses]).double().mean()
+    if regs:
+        totals[1] = torch.stack(regs).double().mean()
+    dist.all_reduce(totals[:1], group=ps.get_pipeline_model_parallel_group())
+    dist.all_reduce(totals[:1], group=ps.get_data_parallel_group())
+    dist.all_reduce(totals[1:], group=ps.get_model_parallel_group())  # every stage, TP shard
+    loss, reg = totals.tolist()
+    return loss / ps.get_data_parallel_world_size(), reg
+
+
+@torch.no_grad()
+def validation_loss(chunk, state, dataset, batches, seq_length, iters: int) -> float:
+    """Mean LM loss with hard (argmax) masks on ``iters`` validation batches."""
+    device = distributed.device()
+    modes = {id(layer): layer.mode for _, layer in sparse_layers(chunk)}
+    if any(mode == "learn" for mode in modes.values()):
+        set_mask_mode(chunk, "hard")
+    try:
+        total = forward_passes(chunk, dataset, batches, seq_length, iters, state.dp_rank)
+    finally:
+        for _, layer in sparse_layers(chunk):
+            layer.mode = modes[id(layer)]
+    value = torch.tensor([sum(total) / len(total) if total else 0.0], dtype=torch.float64,
+                         device=device)
+    dist.all_reduce(value, group=ps.get_pipeline_model_parallel_group())
+    dist.all_reduce(value, group=ps.get_data_parallel_group())
+    return float(value) / ps.get_data_parallel_world_size()
+
+
+def forward_passes(model, dataset, batches, seq_length: int, iterations: int = 1,
+                   dp_rank: int = 0) -> list[float]:
+    """Forward-only over ``iterations`` global batches through megatron's schedule (any PP);
+    returns the LM losses of the micro-batches on the last stage (empty elsewhere)."""
+    device = distributed.device()
+    losses: list[torch.Tensor] = []
+    for it in range(iterations):
+        counter = iter(range(batches.num_microbatches))
+
+        def forward_step(data_iterator, model, it=it, counter=counter):
+            batch = batch_for(dataset, batches, it, next(counter), dp_rank, device)
+            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            mask = batch["loss_mask"].float()
+
+            def loss_func(output_tensor):
+                loss = (output_tensor.float() * mask).sum() / mask.sum()
+                return loss, {"lm loss": loss.detach().clone()}
+
+            return output, loss_func
+
+        with torch.no_grad(), cuda_literals():
+            result = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=None, model=[model],
+                num_microbatches=batches.num_microbatches, seq_length=seq_length,
+                micro_batch_size=batches.micro_batch_size, forward_only=True)
+        losses.extend(d["lm loss"] for d in result or [])
+    return torch.stack(losses).tolist() if losses else []  # one host sync
