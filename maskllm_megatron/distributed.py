@@ -111,6 +111,37 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     return set_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size, seed)
 
 
+def use_layout(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+               seed: int = 1234, what: str = "this step") -> ParallelLayout:
+    """Lay the running process group out as TP x PP (DP is what remains) for one library step.
+
+    Library functions call this instead of starting processes: the entry point (the CLI, a
+    user's script, torchrun) owns the process group (:func:`init_distributed`)."""
+    if not dist.is_initialized():
+        raise RuntimeError(f"{what} runs inside a process group: call "
+                           "maskllm_megatron.distributed.init_distributed() first (the maskllm "
+                           "command does)")
+    return set_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size, seed)
+
+
+def on_rank0(fn):
+    """``fn()`` on global rank 0 only (writing files); every rank returns its result or raises
+    its error, so no rank waits on a collective that rank 0 left."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, fn())
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            box[0] = (False, err)
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
 def set_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
                        seed: int = 1234) -> ParallelLayout:
     """(Re)initialise megatron's parallel state for a TP x PP layout; DP is what remains."""

@@ -47,8 +47,10 @@ KINDS = ["llama", "llama-tied", "nemotron", "gpt2"]
 CONVERT = """
 import sys
 from maskllm_megatron.interop import hf as convert
+from maskllm_megatron import distributed
 from maskllm_megatron.cpu_shims import cpu_shims
 with cpu_shims():  # what `maskllm convert` does, for several models in one process
+    distributed.init_distributed(device="cpu")
     for hf_dir, mcore, back in zip(*[iter(sys.argv[1:])] * 3):
         convert.hf_to_mcore(hf_dir, mcore, tp=2, progress=False)
         convert.mcore_to_hf(mcore, back, progress=False)
@@ -205,8 +207,10 @@ import sys, torch
 from pathlib import Path
 from safetensors.torch import load_file
 from maskllm_megatron.interop import hf as convert
+from maskllm_megatron import distributed
 from maskllm_megatron.cpu_shims import cpu_shims
 with cpu_shims():
+    distributed.init_distributed(device="cpu")
     convert.mcore_to_hf(sys.argv[1], sys.argv[2], max_shard_bytes=20000, progress=False)
 reader = convert._HFReader(Path(sys.argv[2]))
 want = load_file(sys.argv[3])

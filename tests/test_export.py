@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,13 +24,15 @@ EXPORTS = """
 import argparse, sys
 from maskllm_megatron.interop import hf as convert
 from maskllm_megatron.deploy import export
+from maskllm_megatron import distributed
 from maskllm_megatron.cpu_shims import cpu_shims
-from maskllm_megatron.pruning.oneshot import run_prune
+from maskllm_megatron.pruning.oneshot import prune_checkpoint
 base = sys.argv[1]
 load, out = f"{base}/pruned/pruned", base
 with cpu_shims():  # maskllm convert, prune --method magnitude, export: one process
+    distributed.init_distributed(device="cpu")
     convert.hf_to_mcore(f"{base}/hf", f"{base}/mcore", progress=False)
-    run_prune(argparse.Namespace(
+    prune_checkpoint(argparse.Namespace(
         method="magnitude", load=f"{base}/mcore", save=f"{base}/pruned", model_config=None,
         tokenizer=None, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         seq_length=None, micro_batch_size=1, N=2, M=4, seed=1234, progress=False,
@@ -248,3 +251,31 @@ def test_trim_turns_a_training_run_into_hard_masks(exported, corpus, tmp_path):
     _run(["export", "trtllm", "--load", str(tmp_path / "trimmed"), "--out",
           str(tmp_path / "trt"), "--tp", "2", "--dtype", "bfloat16", "--no-progress"])
     assert validate_trtllm(tmp_path / "trt").ok
+
+
+def case_export_on_every_rank(load, out):
+    """Every rank of a running group calls the exporters (the demo at --tp 2 does): they lay
+    the group out at TP=1 and rank 0 alone writes."""
+    from maskllm_megatron.deploy import export
+
+    export.trim(load, f"{out}/trimmed")
+    export.export_trtllm(f"{out}/trimmed", f"{out}/trt", 2, 1, "float32", progress=False)
+    export.export_hf(f"{out}/trimmed", f"{out}/hf", progress=False)
+    return sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file())
+
+
+def test_exporters_called_on_every_rank_write_once_what_one_process_writes(exported, dist4,
+                                                                             tmp_path):
+    from safetensors.torch import load_file
+
+    _, base = exported["llama"]
+    files = dist4.run(case_export_on_every_rank, str(base / "pruned" / "pruned"), str(tmp_path))
+    assert all(f == files[0] for f in files) and not any(".partial" in f for f in files[0])
+    for rank in range(2):  # the single-process export of the same pruned model, tp 2
+        got = load_file(tmp_path / "trt" / f"rank{rank}.safetensors")
+        want = load_file(base / "trt-2-1" / f"rank{rank}.safetensors")
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert validate_trtllm(tmp_path / "trt").ok
+    got, want = (load_file(d / "hf" / "model.safetensors") for d in (tmp_path, base))
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -78,37 +78,19 @@ def _on_device(device: str | None):
     return cpu_shims() if chosen.type == "cpu" else contextlib.nullcontext()
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from maskllm_megatron.errors import TrainingError
-    from maskllm_megatron.training.args import args_from_namespace
-    from maskllm_megatron.training.loop import train
-
-    try:
-        train_args = args_from_namespace(args)
-        with _on_device(train_args.device):
-            metrics = train(train_args)
-    except TrainingError as err:
-        print(f"maskllm train: {err}", file=sys.stderr)
-        return 1
-    finally:
-        from maskllm_megatron import distributed
-
-        distributed.shutdown()
-    if metrics:
-        print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in metrics.items()))
-    return 0
-
-
-def _run_distributed(fn, args: argparse.Namespace, name: str) -> int:
-    """Run a distributed command on its device (conversion and export: the CPU); a bad input
+def _in_process_group(fn, args: argparse.Namespace, name: str, *, tp: int = 1, pp: int = 1,
+                      device: str = "cpu", seed: int = 1234,
+                      errors: tuple = (ValueError, FileNotFoundError, RuntimeError)) -> int:
+    """Start this process's group (torchrun's environment, else one rank) on ``device``, run
+    ``fn(args)`` and print what it returns on rank 0 through ``fn``'s own printer; a bad input
     is one clear line on stderr, exit code 1."""
     from maskllm_megatron import distributed
 
     try:
-        with _on_device(getattr(args, "device", "cpu")):
+        with _on_device(device):
+            distributed.init_distributed(tp, pp, seed, device=device)
             fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except errors as err:
         print(f"maskllm {name}: {err}", file=sys.stderr)
         return 1
     finally:
@@ -116,16 +98,65 @@ def _run_distributed(fn, args: argparse.Namespace, name: str) -> int:
     return 0
 
 
-def _cmd_prune(args: argparse.Namespace) -> int:
-    from maskllm_megatron.pruning.oneshot import run_prune
+def _rank0() -> bool:
+    import torch.distributed as dist
 
-    return _run_distributed(run_prune, args, "prune")
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _layout_of(args: argparse.Namespace) -> dict:
+    return dict(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                device=args.device, seed=args.seed)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from maskllm_megatron.errors import TrainingError
+    from maskllm_megatron.training.args import args_from_namespace
+    from maskllm_megatron.training.loop import train
+
+    train_args = args_from_namespace(args)
+
+    def run(a):
+        metrics = train(train_args)
+        if metrics and _rank0():
+            print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in metrics.items()))
+
+    return _in_process_group(run, args, "train", errors=(TrainingError,),
+                             **_layout_of(train_args))
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from maskllm_megatron.pruning.oneshot import prune_checkpoint
+
+    def run(a):
+        report = prune_checkpoint(a)
+        if not _rank0():
+            return
+        print(f"{report.method} {report.pattern} pruning, {report.calibration_tokens} "
+              "calibration tokens per pass per data-parallel rank"
+              if report.calibration_tokens is not None
+              else f"{report.method} {report.pattern} pruning")
+        print(f"{'stage':>5} {'tp':>3} {'layer':<40} {'shard':>14} {'nonzero':>8}")
+        for pp_rank, tp_rank, name, shape, kept in report.shards:
+            print(f"{pp_rank:>5} {tp_rank:>3} {name:<40} {str(shape):>14} {kept:8.1%}")
+        print(f"wrote {report.pruned} (model) and {report.masks} (masks, for --prior)")
+
+    return _in_process_group(run, args, "prune", **_layout_of(args))
 
 
 def _cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from maskllm_megatron.eval.perplexity import run_eval_ppl
+    from maskllm_megatron.eval.perplexity import evaluate_checkpoint
 
-    return _run_distributed(run_eval_ppl, args, "eval-ppl")
+    def run(a):
+        r = evaluate_checkpoint(a)
+        if _rank0():
+            print(f"{'checkpoint':<40} {'masks':<7} {'windows':>7} {'tokens':>8} {'loss':>9} "
+                  f"{'ppl':>10}")
+            print(f"{str(r.checkpoint)[-40:]:<40} {r.masks:<7} {r.windows:>7} {r.tokens:>8}"
+                  f" {r.loss:.7f} {r.ppl:10.4f}")
+
+    return _in_process_group(run, args, "eval-ppl", **_layout_of(args))
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -140,13 +171,24 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         else:
             print(f"wrote {convert.mcore_to_hf(a.mcore, a.out, progress=a.progress)}")
 
-    return _run_distributed(run, args, f"convert {args.direction}")
+    return _in_process_group(run, args, f"convert {args.direction}")
 
 
 def _cmd_trim(args: argparse.Namespace) -> int:
     from maskllm_megatron.deploy.export import trim
 
-    return _run_distributed(lambda a: trim(a.checkpoint, a.out, a.N, a.M), args, "trim")
+    def run(a):
+        report = trim(a.checkpoint, a.out, a.N, a.M)
+        print(f"{'layer':<44} {'shape':>14} {'sparsity':>9}")
+        for name, shape, sparsity in report.rows:
+            print(f"{name:<44} {str(list(shape)):>14} {sparsity:9.1%}")
+        print(f"dropped {report.logits_bytes / 2**20:.1f} MiB of logits and "
+              f"{report.optimizer_bytes / 2**20:.1f} MiB of optimizer state; the masks take "
+              f"{report.mask_bytes / 2**20:.2f} MiB as uint8 indices "
+              f"({report.bits_per_weight:.2f} bit per weight; {report.pattern} packs to "
+              f"{report.packed_bits_per_weight:.3f} in `export hf`)")
+
+    return _in_process_group(run, args, "trim")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -163,7 +205,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         else:
             print(f"wrote {export.export_hf(a.load, a.out, a.N, a.M, progress=a.progress)}")
 
-    return _run_distributed(run, args, f"export {args.target}")
+    return _in_process_group(run, args, f"export {args.target}")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -175,10 +217,36 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from maskllm_megatron.demo import main as demo_main
+    """The demo on this machine; ``--tp`` > 1 relaunches it under torchrun with that many
+    ranks (the CLI is what starts processes)."""
+    import dataclasses
+    import os
+    import subprocess
+    from pathlib import Path
 
-    return _run_distributed(demo_main, args, "demo") if args.tp == 1 or \
-        "WORLD_SIZE" in __import__("os").environ else demo_main(args)
+    from maskllm_megatron import demo
+
+    if args.tp > 1 and "WORLD_SIZE" not in os.environ:
+        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc-per-node={args.tp}", "-m", "maskllm_megatron.cli",
+                                *sys.argv[1:]])
+    size = dataclasses.replace(demo.SIZES[args.size], **{
+        name: value for name, value in (("pretrain_iters", args.pretrain_iters),
+                                        ("mask_iters", args.mask_iters)) if value})
+
+    def run(a):
+        demo.shakespeare_texts()  # a clear error before any work
+        if _rank0():
+            print(f"demo in {Path(a.workdir).expanduser()} with {dataclasses.asdict(size)}",
+                  flush=True)
+        table = demo.run_demo(a.workdir, size, tp=a.tp, progress=a.progress, device=a.device,
+                              log=lambda message: print(message, flush=True))
+        if _rank0():
+            print(table["markdown"])
+            print(f"wrote {Path(a.workdir).expanduser() / 'results.md'}, results.json, "
+                  "results.png")
+
+    return _in_process_group(run, args, "demo", tp=args.tp, device=args.device)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from maskllm_megatron.core.nm import NMPattern, is_nm_sparse
+from maskllm_megatron import distributed
+from maskllm_megatron.core.nm import NMPattern, bits_per_weight, is_nm_sparse
 from maskllm_megatron.model.config import ModelConfig
 
 TRT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -42,11 +44,10 @@ def _finish_dir(tmp: Path, out: Path) -> None:
 def _load(load: str | Path, n: int = 2, m: int = 4):
     """(model at TP=1 x PP=1 with its masks applied, ModelConfig, mask mode, pattern, the
     directory holding model_config.json, the model checkpoint directory)."""
-    from maskllm_megatron import distributed
     from maskllm_megatron.checkpoint.model import load_sparse_model
     from maskllm_megatron.checkpoint.run_dir import model_dir
 
-    distributed.init_distributed(1, 1, device="cpu")
+    distributed.use_layout(1, 1, what="export")  # whole tensors on every rank
     source = model_dir(load)
     config_dir = next((d for d in (Path(load), source, source.parent)
                        if (d / "model_config.json").exists()), None)
@@ -72,11 +73,33 @@ def masked_state(model) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- trim
 
 
+@dataclass
+class TrimReport:
+    """What ``trim`` kept and dropped: per-layer sparsity rows (the last one the total)."""
+
+    out: Path
+    pattern: NMPattern
+    rows: list[tuple[str, tuple[int, ...], float]]  # (layer, weight shape, share of zeros)
+    logits_bytes: int
+    optimizer_bytes: int
+    mask_bytes: int  # uint8 candidate indices
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.mask_bytes / max(1, self.rows[-1][1][0])
+
+    @property
+    def packed_bits_per_weight(self) -> float:
+        """What ``export hf`` packs the same masks to."""
+        return bits_per_weight(self.pattern)
+
+
 @torch.no_grad()
-def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> list[tuple]:
+def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> TrimReport:
     """Hard masks from a training checkpoint: argmax of the logits, stored as candidate indices
-    (uint8, one per group). Logits and optimizer state are dropped. Returns the table rows."""
+    (uint8, one per group). Logits and optimizer state are dropped."""
     from maskllm_megatron.checkpoint.model import save_model
+    from maskllm_megatron.model.config import copy_model_files
     from maskllm_megatron.model.layers import fix_masks, sparse_layers
 
     model, cfg, mode, pattern, config_dir, source = _load(load, n, m)
@@ -92,32 +115,21 @@ def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> list[tupl
     for name, layer in sparse_layers(model):
         weight = layer.masked_weight(layer.weight)
         rows.append((name, tuple(weight.shape), float((weight == 0).double().mean())))
-    from maskllm_megatron.model.config import copy_model_files
-
     out = Path(out)
-    tmp = _atomic_dir(out)
+    tmp = distributed.on_rank0(lambda: _atomic_dir(out))
     save_model(model, tmp)
-    copy_model_files(config_dir, tmp)
-    cfg.save(tmp)
-    _finish_dir(tmp, out)
+
+    def finish() -> None:
+        copy_model_files(config_dir, tmp)
+        cfg.save(tmp)
+        _finish_dir(tmp, out)
+
+    distributed.on_rank0(finish)
     masks = sum(layer.mask_indices.numel() for _, layer in sparse_layers(model))
     weights = sum(math.prod(shape) for _, shape, _ in rows)
     zeros = sum(math.prod(shape) * sparsity for _, shape, sparsity in rows)
     rows.append(("total", (weights,), zeros / max(1, weights)))
-    print(f"{'layer':<44} {'shape':>14} {'sparsity':>9}")
-    for name, shape, sparsity in rows:
-        print(f"{name:<44} {str(list(shape)):>14} {sparsity:9.1%}")
-    print(f"dropped {logits_bytes / 2**20:.1f} MiB of logits and {optimizer_bytes / 2**20:.1f} "
-          f"MiB of optimizer state; the masks take {masks / 2**20:.2f} MiB as uint8 indices "
-          f"({8 * masks / max(1, weights):.2f} bit per weight; {pattern} packs to "
-          f"{_packed_bits(pattern):.3f} in `export hf`)")
-    return rows
-
-
-def _packed_bits(pattern: NMPattern) -> float:
-    from maskllm_megatron.core.nm import bits_per_weight
-
-    return bits_per_weight(pattern)
+    return TrimReport(out, pattern, rows, logits_bytes, optimizer_bytes, masks)
 
 
 # ----------------------------------------------------------------------------- TensorRT-LLM
@@ -280,10 +292,7 @@ def export_trtllm(load: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
                   _loaded=None) -> Path:
     """Write ``config.json`` and ``rank{i}.safetensors`` (rank = pp_rank * tp + tp_rank), then
     validate them. Refuses any GEMM weight that is not N:M on some rank."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
 
-    from maskllm_megatron.deploy.validate import SPARSE_SUFFIXES, format_report, validate_trtllm
 
     if dtype not in TRT_DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(TRT_DTYPES)}")
@@ -294,7 +303,18 @@ def export_trtllm(load: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
                           "(prune or learn masks first)")
     state = masked_state(model)
     config = trtllm_config(cfg, tp, pp, dtype, pattern)
-    out = Path(out)
+    return distributed.on_rank0(lambda: _write_trtllm(state, cfg, config, Path(out), tp, pp,
+                                                      dtype, pattern, progress))
+
+
+def _write_trtllm(state: dict, cfg: ModelConfig, config: dict, out: Path, tp: int, pp: int,
+                  dtype: str, pattern: NMPattern, progress: bool) -> Path:
+    """The TensorRT-LLM rank files and config from full masked tensors, on one rank."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from maskllm_megatron.deploy.validate import SPARSE_SUFFIXES, format_report, validate_trtllm
+
     tmp = _atomic_dir(out)
     for rank in tqdm(range(tp * pp), desc="trtllm ranks", disable=not progress):
         pp_rank, tp_rank = divmod(rank, tp)
@@ -327,10 +347,8 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     """A Hugging Face directory with masked weights (zeros in place), ``config.json`` recording
     the pattern, and ``nm_masks.safetensors``: each sparse weight's mask packed at
     :func:`nm.bits_per_weight` bits per weight (0.667 for 2:4)."""
-    from safetensors.torch import save_file
 
-    from maskllm_megatron.core.nm import mask_to_indices, pack_indices
-    from maskllm_megatron.interop.hf import HF_CONFIG, _Mapping, architecture, mcore_to_hf
+    from maskllm_megatron.interop.hf import HF_CONFIG, _Mapping, architecture
 
     model, cfg, mode, pattern, config_dir, _ = _load(load, n, m)
     if mode == "dense":
@@ -348,7 +366,17 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     for name, layer in sparse_layers(model):
         masks[f"{name}.weight"] = (layer.masked_weight(torch.ones_like(layer.weight)) != 0)
     mapping = _Mapping(architecture(hf), hf, cfg)
-    out = Path(out)
+    return distributed.on_rank0(lambda: _write_hf_export(
+        state, masks, mapping, hf, pattern, config_dir, Path(out), progress))
+
+
+def _write_hf_export(state, masks, mapping, hf, pattern, config_dir, out, progress) -> Path:
+    """The HF directory and its packed masks, on one rank."""
+    from safetensors.torch import save_file
+
+    from maskllm_megatron.core.nm import mask_to_indices, pack_indices
+    from maskllm_megatron.interop.hf import architecture, mcore_to_hf
+
     tmp = _atomic_dir(out)
     mcore_to_hf(config_dir, tmp, progress=progress, _state=state)
     packed, meta = {}, {}

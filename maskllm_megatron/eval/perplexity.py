@@ -12,6 +12,7 @@ computes per window, summed with token weights.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +25,10 @@ from tqdm import tqdm
 from maskllm_megatron import distributed
 from maskllm_megatron.checkpoint.model import load_sparse_model
 from maskllm_megatron.checkpoint.run_dir import model_dir
+from maskllm_megatron.core.nm import NMPattern
 from maskllm_megatron.cpu_shims import cuda_literals
+from maskllm_megatron.data.tokenizer import load_tokenizer
+from maskllm_megatron.model.config import ModelConfig
 
 MODES = ("auto", "dense")
 
@@ -122,17 +126,26 @@ def read_text_tokens(path: str | Path, tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer.tokenize(text), dtype=torch.long)
 
 
-def run_eval_ppl(args) -> dict:
-    """``maskllm eval-ppl``: load a dense, pruned or mask-learned checkpoint and report PPL."""
-    from maskllm_megatron.core.nm import NMPattern
-    from maskllm_megatron.data.tokenizer import load_tokenizer
-    from maskllm_megatron.model.config import ModelConfig
+@dataclass
+class PerplexityReport:
+    """Held-out perplexity of one checkpoint under the pinned protocol (module docstring)."""
 
+    checkpoint: Path
+    masks: str  # how its masks were applied: hard (argmax of logits), fixed or dense
+    seq_length: int
+    windows: int
+    tokens: int  # predicted tokens
+    loss: float  # mean NLL per predicted token
+    ppl: float
+
+
+def evaluate_checkpoint(args) -> PerplexityReport:
+    """``maskllm eval-ppl`` in the running process group: load a dense, pruned or mask-learned
+    checkpoint at the asked TP x PP and measure the perplexity of ``args.text``."""
     if args.masks not in MODES:
         raise ValueError(f"--masks must be one of {', '.join(MODES)}")
-    layout = distributed.init_distributed(args.tensor_model_parallel_size,
-                                      args.pipeline_model_parallel_size, args.seed,
-                                      device=args.device)
+    layout = distributed.use_layout(args.tensor_model_parallel_size,
+                                    args.pipeline_model_parallel_size, args.seed, what="eval-ppl")
     path = model_dir(args.load)
     cfg = ModelConfig.load(args.model_config or args.load)
     seq_length = args.seq_length or cfg.max_sequence_length
@@ -143,15 +156,9 @@ def run_eval_ppl(args) -> dict:
         path, cfg, NMPattern(args.N, args.M), args.seed, args.masks,
         params_dtype=distributed.params_dtype(args, layout.device),
         sequence_parallel=args.sequence_parallel, transformer_impl=args.transformer_impl)
-    tokenizer = load_tokenizer(args.tokenizer or cfg.tokenizer)
-    tokens = read_text_tokens(args.text, tokenizer)
+    tokens = read_text_tokens(args.text, load_tokenizer(args.tokenizer or cfg.tokenizer))
     result = perplexity(model, tokens, seq_length, args.micro_batch_size,
                         progress=args.progress and layout.rank == 0,
                         true_vocab_size=cfg.true_vocab_size)
-    result.update(masks=applied, seq_length=seq_length)
-    if layout.rank == 0:
-        print(f"{'checkpoint':<40} {'masks':<7} {'windows':>7} {'tokens':>8} {'loss':>9} "
-              f"{'ppl':>10}")
-        print(f"{str(path)[-40:]:<40} {applied:<7} {result['windows']:>7} {result['tokens']:>8}"
-              f" {result['loss']:.7f} {result['ppl']:10.4f}")
-    return result
+    return PerplexityReport(path, applied, seq_length, result["windows"], result["tokens"],
+                            result["loss"], result["ppl"])

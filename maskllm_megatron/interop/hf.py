@@ -420,7 +420,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
     cfg = model_config_from_hf(hf, tp, divisible_by)
     check_parallel(cfg.transformer, tp, pp)
     reader = _HFReader(hf_dir)
-    distributed.init_distributed(1, 1, device="cpu")
+    distributed.use_layout(1, 1, what="conversion")
     model = _build_dense_model(cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     written: set[str] = set()
@@ -442,15 +442,19 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
     if extra:
         raise ConversionError(f"the checkpoint has tensors the config does not use: {extra[:5]} "
                               f"(config says {mapping.layers} layers)")
-    out.mkdir(parents=True, exist_ok=True)
+    distributed.on_rank0(lambda: out.mkdir(parents=True, exist_ok=True))
     save_model(model, out)
-    if tokenizer:
-        cfg.tokenizer = str(Path(tokenizer).resolve())
-    elif _copy_tokenizer(hf_dir, out / TOKENIZER_DIR):
-        cfg.tokenizer = TOKENIZER_DIR  # relative: resolved beside model_config.json
-    cfg.save(out)
-    (out / HF_CONFIG).write_text(json.dumps(hf, indent=1))
-    return cfg
+
+    def describe() -> ModelConfig:
+        if tokenizer:
+            cfg.tokenizer = str(Path(tokenizer).resolve())
+        elif _copy_tokenizer(hf_dir, out / TOKENIZER_DIR):
+            cfg.tokenizer = TOKENIZER_DIR  # relative: resolved beside model_config.json
+        cfg.save(out)
+        (out / HF_CONFIG).write_text(json.dumps(hf, indent=1))
+        return cfg
+
+    return distributed.on_rank0(describe)
 
 
 @torch.no_grad()
@@ -459,8 +463,6 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
     """Write an HF directory (config.json, safetensors, tokenizer) from a converted checkpoint
     (or a run trained from one: its latest iteration's model). ``_state``: tensors already
     loaded (the HF exporter passes masked weights)."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
 
     from maskllm_megatron import distributed
     from maskllm_megatron.checkpoint.model import load_model
@@ -480,12 +482,20 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
         hf = hf_config_from_model_config(ModelConfig.load(config_dir))
     cfg = ModelConfig.load(config_dir)
     if _state is None:
-        distributed.init_distributed(1, 1, device="cpu")
+        distributed.use_layout(1, 1, what="conversion")
         model = _build_dense_model(cfg)
         load_model(model, source, missing_masks="keep")
-        state = model.state_dict()
-    else:
-        state = _state
+        return distributed.on_rank0(lambda: _write_hf(model.state_dict(), hf, cfg, config_dir,
+                                                      out, max_shard_bytes, progress))
+    return _write_hf(_state, hf, cfg, config_dir, out, max_shard_bytes, progress)
+
+
+def _write_hf(state: dict, hf: dict, cfg: ModelConfig, config_dir: Path, out: Path,
+              max_shard_bytes: int, progress: bool) -> Path:
+    """The HF directory's files from full (TP=1) mcore tensors, on one rank."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
     mapping = _Mapping(architecture(hf), hf, cfg)
     out.mkdir(parents=True, exist_ok=True)
     # stream: a shard is written as soon as it is full, so at most one shard is held

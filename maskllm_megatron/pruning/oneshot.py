@@ -19,6 +19,8 @@ weights with the highest score (:func:`nm.mask_from_scores`, stable ties):
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -267,11 +269,23 @@ def available_tokens(data_path: list[str]) -> int:
     return total
 
 
-def run_prune(args) -> dict:
-    """``maskllm prune``: build the model at TP x PP, load dense weights, prune, save
-    ``SAVE/pruned`` (weights times mask, or updated) and ``SAVE/masks`` (masks only)."""
-    from pathlib import Path
+@dataclass
+class PruneReport:
+    """What one-shot pruning did: the share of weights kept per layer shard, and where the
+    pruned model and its masks went."""
 
+    method: str
+    pattern: NMPattern
+    calibration_tokens: int | None  # per pass per data-parallel rank; None for magnitude
+    shards: list[tuple[int, int, str, list[int], float]]  # (pp rank, tp rank, layer, shape, kept)
+    pruned: Path
+    masks: Path
+
+
+def prune_checkpoint(args) -> PruneReport:
+    """``maskllm prune`` in the running process group: build the model at TP x PP, load dense
+    weights, prune, save ``SAVE/pruned`` (weights times mask, or updated) and ``SAVE/masks``
+    (masks only, for ``train --prior``)."""
     import torch.distributed as dist
 
     from maskllm_megatron import distributed
@@ -279,7 +293,7 @@ def run_prune(args) -> dict:
     from maskllm_megatron.checkpoint.run_dir import model_dir
     from maskllm_megatron.data.datasets import BatchLayout, build_gpt_datasets
     from maskllm_megatron.data.tokenizer import load_tokenizer
-    from maskllm_megatron.model.config import ModelConfig
+    from maskllm_megatron.model.config import ModelConfig, copy_model_files
     from maskllm_megatron.model.layers import (
         MaskSettings,
         SamplingState,
@@ -291,9 +305,8 @@ def run_prune(args) -> dict:
 
     method = check_method(args.method)
     pattern = NMPattern(args.N, args.M)
-    layout = distributed.init_distributed(args.tensor_model_parallel_size,
-                                      args.pipeline_model_parallel_size, args.seed,
-                                      device=args.device)
+    layout = distributed.use_layout(args.tensor_model_parallel_size,
+                                    args.pipeline_model_parallel_size, args.seed, what="prune")
     cfg = ModelConfig.load(args.model_config or args.load)
     seq_length = args.seq_length or cfg.max_sequence_length
     if args.sequence_parallel and seq_length % layout.tp:
@@ -331,29 +344,24 @@ def run_prune(args) -> dict:
     out = Path(args.save)
     save_model(model, out / "pruned")
     save_model(model, out / "masks", masks_only=True)
-    if layout.rank == 0:
-        from maskllm_megatron.model.config import copy_model_files
+    source = Path(args.model_config or args.load)
+    source = source if source.is_dir() else source.parent
 
-        source = Path(args.model_config or args.load)
-        source = source if source.is_dir() else source.parent
+    def describe() -> None:
         for sub in ("pruned", "masks"):
             copy_model_files(source, out / sub)
             cfg.save(out / sub)
+
+    distributed.on_rank0(describe)
     kept = torch.stack([(layer.weight != 0).double().mean() for _, layer in sparse_layers(model)])
     rows = [(name, list(layer.weight.shape), share) for (name, layer), share in
             zip(sparse_layers(model), kept.tolist(), strict=True)]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (layout.tp_rank, layout.pp_rank, rows))
-    if layout.rank == 0:
-        print(f"{method} {pattern} pruning, {result['tokens']} calibration tokens per pass "
-              f"per data-parallel rank" if forward else f"{method} {pattern} pruning")
-        print(f"{'stage':>5} {'tp':>3} {'layer':<40} {'shard':>14} {'nonzero':>8}")
-        seen = set()
-        for tp_rank, pp_rank, layer_rows in gathered:
-            if (tp_rank, pp_rank) in seen:
-                continue
+    shards, seen = [], set()
+    for tp_rank, pp_rank, layer_rows in gathered:
+        if (tp_rank, pp_rank) not in seen:  # data-parallel replicas hold the same shards
             seen.add((tp_rank, pp_rank))
-            for name, shape, kept in layer_rows:
-                print(f"{pp_rank:>5} {tp_rank:>3} {name:<40} {str(shape):>14} {kept:8.1%}")
-        print(f"wrote {out / 'pruned'} (model) and {out / 'masks'} (masks, for --prior)")
-    return result
+            shards.extend((pp_rank, tp_rank, name, shape, kept) for name, shape, kept in layer_rows)
+    return PruneReport(method, pattern, result["tokens"] if forward else None, shards,
+                       out / "pruned", out / "masks")

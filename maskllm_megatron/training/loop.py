@@ -77,10 +77,10 @@ def lr_scheduler(optimizer, args: TrainArgs) -> OptimizerParamScheduler:
 
 
 def train(args: TrainArgs) -> dict:
-    """Run (or resume) training; returns the final metrics."""
-    layout = distributed.init_distributed(args.tensor_model_parallel_size,
-                                      args.pipeline_model_parallel_size, args.seed,
-                                      device=args.device)
+    """Run (or resume) training in the running process group, laid out as the arguments ask;
+    returns the final metrics."""
+    layout = distributed.use_layout(args.tensor_model_parallel_size,
+                                    args.pipeline_model_parallel_size, args.seed, what="train")
     main_rank = layout.rank == 0
     model_cfg = _model_config(args)
     seq_length = args.seq_length or model_cfg.max_sequence_length
