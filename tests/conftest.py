@@ -12,9 +12,38 @@ if not torch.cuda.is_available():
 
 import json  # noqa: E402
 import random  # noqa: E402
+import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 from dist_harness import DistributedPool  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--test-seed", default="1234",
+                     help="seed of every test's random inputs (each test mixes in its own id); "
+                          "'random' draws a fresh one, printed in the header to rerun with")
+
+
+def pytest_configure(config):
+    value = config.getoption("--test-seed")
+    config.test_seed = random.SystemRandom().randrange(2**31) if value == "random" else int(value)
+
+
+def pytest_report_header(config):
+    return f"test seed: {config.test_seed} (rerun with --test-seed {config.test_seed})"
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """torch, numpy and random seeded per test from the session seed and the test's id:
+    a failure reruns with the same inputs."""
+    import numpy as np
+
+    seed = (request.config.test_seed ^ zlib.crc32(request.node.nodeid.encode())) % 2**31
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return seed
 
 
 def pytest_collection_modifyitems(config, items):

@@ -119,7 +119,7 @@ def case_float64(seed, weight_decay):
 
 @pytest.mark.parametrize("tp", [1, 2, 4], ids=["dp4", "dp2", "dp1"])
 def test_sharded_adamw_in_float64_is_adamw_on_the_mean_gradient(dist4, tp):
-    seed = torch.randint(0, 2**20, ()).item()  # fresh inputs each run; printed on failure
+    seed = torch.randint(0, 2**20, ()).item()  # from the test's seed (conftest)
     for rank_result in dist4.run(case_float64, seed, 0.1, tp=tp):
         params, moments, norms, slices, dp = rank_result
         want, m, v, want_norms = _reference(seed, dp, STEPS, 0.1)

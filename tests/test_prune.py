@@ -16,7 +16,7 @@ from maskllm_megatron.pruning.oneshot import (
 
 
 def _rng():
-    return np.random.default_rng(torch.seed() % 2**32)
+    return np.random.default_rng(int(torch.randint(0, 2**31, ())))  # the test's seed
 
 
 def _numpy_topn(scores: np.ndarray, n: int, m: int) -> np.ndarray:

@@ -2,14 +2,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from maskllm_megatron.training.loop import FAULT_INJECTION
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
@@ -61,14 +61,11 @@ def _final_logits(save, iteration):
 def test_a_killed_run_resumes_bitwise(corpus, tmp_path, tp):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _run(_command(corpus, straight, tp=tp))
-    proc = subprocess.Popen(_command(corpus, killed, tp=tp), env=ENV, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while proc.poll() is None and not any(r["iteration"] >= 3 for r in _log(killed)):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before_kill = max(r["iteration"] for r in _log(killed))
-    assert 3 <= done_before_kill < 6, "the kill must land mid-run"
+    # every rank SIGKILLed right after iteration 3 (the trainer's fault-injection hook)
+    proc = subprocess.run(_command(corpus, killed, tp=tp), capture_output=True, timeout=600,
+                          env={**ENV, FAULT_INJECTION: "kill-after-iteration:3"})
+    assert proc.returncode != 0
+    assert max(r["iteration"] for r in _log(killed)) == 3
     _run(_command(corpus, killed, tp=tp))  # the same command again
     assert (killed / "latest").read_text() == "iter_0000006"
     want, got = _final_logits(straight, 6), _final_logits(killed, 6)
@@ -85,12 +82,12 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(corpus, tm
     import shutil
 
     save = tmp_path / "run"
-    _run(_command(corpus, save, iters=2))
-    # what a kill during the iteration-3 save leaves behind: a partial temporary directory,
-    # and (killed after the rename) a directory `latest` does not name yet
-    partial = save / "iter_0000003.tmp"
-    shutil.copytree(save / "iter_0000002" / "model", partial / "model")
-    (partial / "model" / "metadata.json").write_text("{truncated")
+    # killed during the iteration-3 save, between the model and the optimizer moments
+    proc = subprocess.run(_command(corpus, save, iters=3), capture_output=True, timeout=600,
+                          env={**ENV, FAULT_INJECTION: "kill-during-save:3"})
+    assert proc.returncode != 0 and (save / "iter_0000003.tmp" / "model").is_dir()
+    assert (save / "latest").read_text() == "iter_0000002"
+    # and a directory `latest` does not name, without its train state
     shutil.copytree(save / "iter_0000002", save / "iter_0000004")
     (save / "iter_0000004" / "train_state.json").unlink()
     proc = _run(_command(corpus, save, iters=3))

@@ -22,6 +22,8 @@ the iteration, so a checkpoint holds only tensors (logits, optimizer moments) an
 from __future__ import annotations
 
 import math
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -64,6 +66,16 @@ from maskllm_megatron.training.metrics import (
 )
 from maskllm_megatron.training.optim import ShardedAdamW, state_format
 from maskllm_megatron.training.step import forward_backward, validation_loss
+
+FAULT_INJECTION = "MASKLLM_FAULT_INJECTION"
+
+
+def inject_fault(point: str, iteration: int) -> None:
+    """A node failure on demand, for resume tests: ``MASKLLM_FAULT_INJECTION=POINT:N`` (points:
+    ``kill-after-iteration``, ``kill-during-save``) SIGKILLs every rank when the run reaches
+    that point of iteration N. Unset, it does nothing."""
+    if os.environ.get(FAULT_INJECTION) == f"{point}:{iteration}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def lr_scheduler(optimizer, args: TrainArgs) -> OptimizerParamScheduler:
@@ -154,6 +166,7 @@ def train(args: TrainArgs) -> dict:
         if args.save and (step == args.train_iters or leaving or
                           (args.save_interval and step % args.save_interval == 0)):
             save_checkpoint(model, optimizer, scaler, args, step)
+        inject_fault("kill-after-iteration", step)
         if leaving:
             break
     logger.close()
@@ -265,6 +278,7 @@ def save_checkpoint(model, optimizer: ShardedAdamW, scaler, args: TrainArgs,
 
     def write_tensors(tmp: Path) -> None:
         save_model(model, tmp / "model")
+        inject_fault("kill-during-save", iteration)
         save_moments(model, optimizer, tmp / "optimizer")
 
     return write_checkpoint(args.save, iteration, write_tensors, {
