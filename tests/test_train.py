@@ -1,7 +1,9 @@
 """The trainer end to end through `maskllm train` (torchrun, gloo) on a tiny generated corpus."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +37,17 @@ def _run(cmd, check=True):
     return proc
 
 
+def _killed(cmd, point: str) -> int:
+    """Run ``cmd`` with the trainer's fault injection at ``point``; returns its exit code once
+    the ranks are dead, and removes whatever they left running (as a node failure would)."""
+    proc = subprocess.Popen(cmd, env={**ENV, FAULT_INJECTION: point}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = proc.wait(timeout=600)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return code
+
+
 def _log(save) -> list[dict]:
     path = Path(save) / "train_log.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
@@ -62,9 +75,7 @@ def test_a_killed_run_resumes_bitwise(corpus, tmp_path, tp):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _run(_command(corpus, straight, tp=tp))
     # every rank SIGKILLed right after iteration 3 (the trainer's fault-injection hook)
-    proc = subprocess.run(_command(corpus, killed, tp=tp), capture_output=True, timeout=600,
-                          env={**ENV, FAULT_INJECTION: "kill-after-iteration:3"})
-    assert proc.returncode != 0
+    assert _killed(_command(corpus, killed, tp=tp), "kill-after-iteration:3") != 0
     assert max(r["iteration"] for r in _log(killed)) == 3
     _run(_command(corpus, killed, tp=tp))  # the same command again
     assert (killed / "latest").read_text() == "iter_0000006"
@@ -83,9 +94,8 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(corpus, tm
 
     save = tmp_path / "run"
     # killed during the iteration-3 save, between the model and the optimizer moments
-    proc = subprocess.run(_command(corpus, save, iters=3), capture_output=True, timeout=600,
-                          env={**ENV, FAULT_INJECTION: "kill-during-save:3"})
-    assert proc.returncode != 0 and (save / "iter_0000003.tmp" / "model").is_dir()
+    assert _killed(_command(corpus, save, iters=3), "kill-during-save:3") != 0
+    assert (save / "iter_0000003.tmp" / "model").is_dir()
     assert (save / "latest").read_text() == "iter_0000002"
     # and a directory `latest` does not name, without its train state
     shutil.copytree(save / "iter_0000002", save / "iter_0000004")

@@ -88,6 +88,7 @@ class TrainingLog:
         out = Path(args.save) if args.save else None
         if out:
             out.mkdir(parents=True, exist_ok=True)
+            _drop_records_after(out / "train_log.jsonl", start)
             self.jsonl = (out / "train_log.jsonl").open("a")
         if args.tensorboard_dir:
             try:
@@ -134,6 +135,18 @@ class TrainingLog:
         if self.args.save and self.records:
             plot_training_log(Path(self.args.save) / "train_log.jsonl",
                               Path(self.args.save) / "train_curves.png")
+
+
+def _drop_records_after(log_path: Path, iteration: int) -> None:
+    """A run killed after logging iteration N but before saving it resumes from an earlier
+    checkpoint and logs N again: keep the log to what the resumed checkpoint had done."""
+    if not log_path.exists():
+        return
+    lines = [line for line in log_path.read_text().splitlines()
+             if line.strip() and json.loads(line)["iteration"] <= iteration]
+    tmp = log_path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(log_path)
 
 
 def plot_training_log(log_path: Path, png_path: Path) -> Path | None:
