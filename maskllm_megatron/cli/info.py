@@ -8,7 +8,8 @@ import typing
 from maskllm_megatron.cli.options import HelpFormatter
 
 # megatron's import-time warnings are silenced in every command; this is where they are said.
-FALLBACK = "megatron falls back to torch implementations"
+FALLBACK = ("megatron falls back to torch implementations of what Transformer Engine / Apex "
+            "would provide (its import warnings are not repeated by other commands)")
 
 
 def add_parsers(sub: typing.Any) -> None:
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     te = transformer_engine_modules() is not None
+    apex = apex_layer_norm() is not None
     rows = [
         ("maskllm_megatron", __version__),
         ("python", platform.python_version()),
@@ -48,10 +50,11 @@ def run(args: argparse.Namespace) -> int:
          "cpu (no CUDA), gloo; megatron runs through the CPU shims"),
         ("transformer engine", (f"yes ({_version('transformer-engine')}): norms and fused "
                                 "attention on GPU (--transformer-impl transformer_engine)")
-         if te else f"no: local spec (megatron attention, torch or apex norms); {FALLBACK}"),
-        ("apex", ("yes: fused LayerNorm in the local spec" if apex_layer_norm() else
-                  f"no: torch norms in the local spec; {FALLBACK}")
+         if te else "no: local spec (megatron attention, torch or apex norms)"),
+        ("apex", ("yes: fused LayerNorm in the local spec" if apex else
+                  "no: torch norms in the local spec")
          + "; Adam is ours either way (narrow state sharded over DP; apex's keeps fp32)"),
+        *([("fallbacks", FALLBACK)] if not (te and apex) else []),
         ("sampler: triton", ("yes, compiled for the GPU" if cuda else "yes, interpreted")
          if triton_kernel.available() else
          ("no (needs CUDA, or TRITON_INTERPRET=1)" if triton_kernel.triton else "not installed")),

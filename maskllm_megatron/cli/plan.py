@@ -6,6 +6,7 @@ import argparse
 import typing
 
 from maskllm_megatron.cli.options import HelpFormatter
+from maskllm_megatron.training.args import TrainArgs
 
 
 def add_parsers(sub: typing.Any) -> None:
@@ -19,7 +20,7 @@ def add_parsers(sub: typing.Any) -> None:
     pln.set_defaults(func=run)
 
 
-def _recipe_train_args(path: str, known: dict[str, argparse.Action]):
+def _recipe_train_args(path: str, known: dict[str, argparse.Action]) -> TrainArgs:
     """The ``TrainArgs`` that ``maskllm train --config PATH`` would run with."""
     from maskllm_megatron.cli.recipe import recipe_values
     from maskllm_megatron.cli.train import add_train_arguments, train_args_from
