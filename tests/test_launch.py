@@ -1,6 +1,5 @@
 """Recipes, the memory planner (against numbers worked out by hand), launch scripts, Dockerfile."""
 
-import argparse
 import re
 import subprocess
 from pathlib import Path
@@ -13,10 +12,10 @@ GIB = 2**30
 
 
 def _plan(recipe, nodes, gpus, memory, capsys):
-    from maskllm_megatron.training.plan import run_plan
+    from maskllm_megatron.cli import main
 
-    code = run_plan(argparse.Namespace(recipe=str(ROOT / "examples" / recipe), nodes=nodes,
-                                       gpus_per_node=gpus, gpu_memory=memory))
+    code = main(["plan", str(ROOT / "examples" / recipe), "--nodes", str(nodes),
+                 "--gpus-per-node", str(gpus), "--gpu-memory", str(memory)])
     return code, capsys.readouterr().out
 
 
@@ -76,15 +75,20 @@ def test_plan_refuses_what_does_not_fit_and_suggests_what_does(capsys, monkeypat
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
 def test_recipes_use_the_trainer_flags_and_state_their_hardware(recipe, monkeypatch):
+    from maskllm_megatron.cli import parse_args
+    from maskllm_megatron.cli.train import train_args_from
     from maskllm_megatron.model.config import ModelConfig
-    from maskllm_megatron.training.args import add_train_arguments, args_from_namespace
 
     monkeypatch.chdir(ROOT)
     path = ROOT / "examples" / recipe
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
-    args = args_from_namespace(parser.parse_args(["--config", str(path)]))  # unknown keys fail
+    args = train_args_from(parse_args(["train", "--config", str(path)]))  # unknown keys fail
     assert args.N == 2 and args.M == 4
+    # the same file serves the other commands that take a recipe; their keys are a subset
+    for command in (["prune", "--method", "wanda", "--save", "out"],
+                    ["eval-ppl", "--text", "t.txt"]):
+        other = parse_args([*command, "--config", str(path)])
+        assert other.load == args.load and other.N == 2
+        assert other.micro_batch_size == args.micro_batch_size
     text = path.read_text()
     assert re.search(r"Hardware:|2 cores", text), "each recipe states its hardware"
     config = yaml.safe_load(text).get("model_config")
@@ -123,10 +127,8 @@ def test_prune_and_eval_ppl_read_the_same_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("load: ~/ckpt\ntensor_model_parallel_size: 2\ndata_path: [~/data/a]\n"
                       "train_iters: 5\nsave: runs/x\nseq_length: 512\n")
-    parser = cli.build_parser()
-    args = parser.parse_args(["prune", "--config", str(recipe), "--method", "wanda", "--save",
-                              "out", "--seq-length", "128"])
-    cli._apply_recipe(args, parser)
+    args = cli.parse_args(["prune", "--config", str(recipe), "--method", "wanda", "--save",
+                           "out", "--seq-length", "128"])
     assert args.load == str(Path("~/ckpt").expanduser())
     assert args.tensor_model_parallel_size == 2  # from the recipe
     assert args.seq_length == 128  # the command line wins

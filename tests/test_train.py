@@ -144,23 +144,20 @@ def test_non_finite_steps_are_refused_and_stop_the_run(corpus, tmp_path, budget=
 
 
 def test_yaml_config_and_flags(tmp_path):
-    import argparse
-
-    from maskllm_megatron.training.args import add_train_arguments, args_from_namespace
+    from maskllm_megatron.cli import parse_args
+    from maskllm_megatron.cli.train import train_args_from
 
     config = tmp_path / "recipe.yaml"
     config.write_text("tensor-model-parallel-size: 2\ntrain_iters: 50\n"
                       "gumbel-temperature-range: [3.0, 0.1]\nlr: 1.0e-4\n")
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
-    args = args_from_namespace(parser.parse_args(["--config", str(config), "--lr", "2e-4"]))
+    args = train_args_from(parse_args(["train", "--config", str(config), "--lr", "2e-4"]))
     assert args.tensor_model_parallel_size == 2 and args.train_iters == 50
     assert args.gumbel_temperature_range == [3.0, 0.1]
     assert args.lr == 2e-4  # the command line wins over the file
     assert args.gumbel_scale_range == [1e2, 5e2] and args.prior_strength == 3.0
     config.write_text("tensor_parallel: 2\n")
-    with pytest.raises(ValueError, match="unknown setting 'tensor_parallel'"):
-        args_from_namespace(parser.parse_args(["--config", str(config)]))
+    with pytest.raises(ValueError, match="unknown key 'tensor_parallel'"):
+        parse_args(["train", "--config", str(config)])
 
 
 def test_blended_datasets_follow_weights_and_seed(corpus):

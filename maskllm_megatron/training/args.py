@@ -1,83 +1,128 @@
-"""The trainer's settings: megatron's flag names, one dataclass, checked before anything starts."""
+"""The trainer's settings: megatron's flag names, one dataclass, checked before anything starts.
+
+Only the standard library is imported here: the CLI builds its ``--help`` from these fields
+without loading megatron (whose import warns when Transformer Engine or Apex are missing).
+"""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from maskllm_megatron import distributed
-from maskllm_megatron.model.spec import TRANSFORMER_IMPLS
-from maskllm_megatron.training.optim import state_format
+
+def _flag(default, help: str, **kwargs):  # noqa: A002 - argparse's own word
+    """A field whose ``help`` becomes the ``maskllm train`` flag's help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
 class TrainArgs:
     """Megatron-style flags (``--tensor-model-parallel-size`` ...); a YAML file may set any."""
 
-    model_config: str | None = None
-    data_path: list[str] = field(default_factory=list)
-    split: str = "98,2,0"
-    tokenizer: str | None = None
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    seq_length: int | None = None
-    train_iters: int = 100
-    lr: float = 5e-4  # the original: 5e-5 with a 10x multiplier on the mask logits
-    min_lr: float = 5e-5
-    lr_warmup_iters: int = 0
-    lr_decay_style: str = "cosine"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    main_grads_dtype: str = "bf16"  # DDP gradient buffers of the logits (fp32: exact sums)
-    exp_avg_dtype: str = "bf16"  # Adam first moment, sharded over data parallel
-    exp_avg_sq_dtype: str = "bf16"  # Adam second moment, sharded over data parallel
-    clip_grad: float = 1.0
-    device: str = "auto"  # cuda:LOCAL_RANK when CUDA is present, else cpu
-    bf16: bool = False  # frozen weights' dtype; default bf16 on a GPU, fp32 on the CPU
-    fp16: bool = False
-    fp32: bool = False
-    loss_scale: float | None = None  # fp16: a constant loss scale (default: dynamic)
-    initial_loss_scale: float = 2.0**16
-    transformer_impl: str | None = None  # local | transformer_engine (default: TE on a GPU)
-    sequence_parallel: bool = False
-    overlap_grad_reduce: bool | None = None  # default: on with NCCL, off on the CPU (gloo)
-    N: int = 2
-    M: int = 4
-    gumbel_temperature_range: list[float] = field(default_factory=lambda: [4.0, 0.05])
-    gumbel_scale_range: list[float] = field(default_factory=lambda: [1e2, 5e2])
-    gumbel_schedule: str = "linear"
-    hard_sampling: bool = False
-    prior_strength: float = 3.0
-    prior: str | None = None
-    weight_reg: float = 1e-5
-    train_weights: bool = False
-    dense: bool = False  # masks off (dense pretraining with --train-weights)
-    load: str | None = None
-    save: str | None = None
-    save_interval: int | None = None
-    exit_interval: int | None = None  # save and stop after this many iterations (SLURM limits)
-    keep_checkpoints: int = 2
-    eval_interval: int | None = None
-    eval_iters: int = 10
-    log_interval: int = 1
-    seed: int = 1234
-    skip_nonfinite_steps: int = 0
-    tensorboard_dir: str | None = None
-    progress: bool = True
+    model_config: str | None = _flag(
+        None, "model_config.json or its directory (default: the one beside --load)")
+    data_path: list[str] = _flag(
+        [], "indexed dataset prefixes (PREFIX.bin/.idx), optionally weighted as megatron's "
+        "blends: W1 PREFIX1 W2 PREFIX2")
+    split: str = _flag("98,2,0", "train,valid,test weights of each dataset, as in megatron")
+    tokenizer: str | None = _flag(
+        None, "SentencePiece .model or Hugging Face tokenizer directory (default: the model "
+        "config's tokenizer)")
+    tensor_model_parallel_size: int = _flag(1, "tensor-parallel ranks (GPUs) per model copy")
+    pipeline_model_parallel_size: int = _flag(1, "pipeline stages per model copy; divides the "
+                                              "layer count")
+    micro_batch_size: int = _flag(1, "sequences per forward/backward pass on one rank")
+    global_batch_size: int = _flag(8, "sequences per optimizer step over all data-parallel "
+                                   "ranks and micro-batches")
+    seq_length: int | None = _flag(None, "tokens per sequence (default: the model's max "
+                                   "sequence length)")
+    train_iters: int = _flag(100, "optimizer steps (iterations) of the whole run")
+    lr: float = _flag(5e-4, "peak learning rate of the mask logits (the paper: 5e-5 with a "
+                      "10x multiplier on the logits, i.e. 5e-4)")
+    min_lr: float = _flag(5e-5, "learning rate at the end of the decay")
+    lr_warmup_iters: int = _flag(0, "iterations of linear warm-up from 0 to --lr")
+    lr_decay_style: str = _flag("cosine", "cosine | linear | constant, from --lr to --min-lr "
+                                "over the iterations after warm-up")
+    weight_decay: float = _flag(0.0, "AdamW decoupled weight decay (per step, times lr)")
+    adam_beta1: float = _flag(0.9, "Adam first-moment decay")
+    adam_beta2: float = _flag(0.95, "Adam second-moment decay")
+    adam_eps: float = _flag(1e-8, "Adam denominator epsilon")
+    main_grads_dtype: str = _flag(
+        "bf16", "dtype of the DDP gradient buffers of the mask logits: bf16 (2 bytes per "
+        "logit) | fp32 (4 bytes, exact sums)")
+    exp_avg_dtype: str = _flag("bf16", "Adam first moment, sharded over data parallel: bf16 | "
+                               "fp16 | fp32")
+    exp_avg_sq_dtype: str = _flag("bf16", "Adam second moment, sharded over data parallel: "
+                                  "bf16 | fp16 | fp32")
+    clip_grad: float = _flag(1.0, "global gradient-norm clipping threshold (L2 norm)")
+    device: str = _flag("auto", "auto | cuda | cpu; auto: cuda:LOCAL_RANK when CUDA is "
+                        "present, else the CPU")
+    bf16: bool = _flag(False, "frozen weights in bf16 (default when none of --bf16/--fp16/"
+                       "--fp32 is given: bf16 on a GPU, fp32 on the CPU)")
+    fp16: bool = _flag(False, "frozen weights in fp16, with loss scaling")
+    fp32: bool = _flag(False, "frozen weights in fp32")
+    loss_scale: float | None = _flag(None, "fp16: a constant loss scale (default: dynamic "
+                                     "loss scaling)")
+    initial_loss_scale: float = _flag(2.0**16, "fp16: the dynamic loss scale's start value")
+    transformer_impl: str | None = _flag(
+        None, "local | transformer_engine: norms and attention around the sparse linears "
+        "(default: Transformer Engine on a GPU where it imports, else local)")
+    sequence_parallel: bool = _flag(False, "split activations along the sequence over TP "
+                                    "ranks (needs --tensor-model-parallel-size > 1)")
+    overlap_grad_reduce: bool | None = _flag(
+        None, "overlap the data-parallel gradient reduce-scatter with backward (default: on "
+        "with NCCL, off on the CPU with gloo)")
+    N: int = _flag(2, "N of the N:M pattern: weights kept per group")
+    M: int = _flag(4, "M of the N:M pattern: group size along the input dimension")
+    gumbel_temperature_range: list[float] = _flag(
+        [4.0, 0.05], "Gumbel-softmax temperature tau, start end (annealed; the paper: 4 -> 0.05)")
+    gumbel_scale_range: list[float] = _flag(
+        [1e2, 5e2], "logit scale kappa, start end (the paper: 1e2 -> 5e2)")
+    gumbel_schedule: str = _flag("linear", "how tau and kappa move from start to end over "
+                                 "--train-iters: linear | cosine")
+    hard_sampling: bool = _flag(False, "straight-through hard masks in the forward pass "
+                                "(gradients through the soft ones)")
+    prior_strength: float = _flag(3.0, "logit bias towards the --prior mask (the paper: 3)")
+    prior: str | None = _flag(None, "checkpoint whose masks (e.g. SparseGPT's, from maskllm "
+                              "prune) initialise the logits (default: none, uniform logits)")
+    weight_reg: float = _flag(1e-5, "weight of the regulariser sum((W * mask)^2), "
+                              "decayed linearly to 0 over the run")
+    train_weights: bool = _flag(False, "train the weights too (default: frozen, only masks "
+                                "learn)")
+    dense: bool = _flag(False, "masks off: dense pretraining (needs --train-weights)")
+    load: str | None = _flag(None, "checkpoint to start from: a run, iter_N or model directory "
+                             "(default: none, random weights)")
+    save: str | None = _flag(None, "run directory for checkpoints and logs; a rerun resumes "
+                             "from its latest (default: none, nothing saved)")
+    save_interval: int | None = _flag(None, "iterations between checkpoints (default: only at "
+                                      "the end)")
+    exit_interval: int | None = _flag(None, "save and stop after this many iterations, for "
+                                      "SLURM time limits (default: never)")
+    keep_checkpoints: int = _flag(2, "checkpoints kept in --save (older ones deleted)")
+    eval_interval: int | None = _flag(None, "iterations between validation losses (default: "
+                                      "none)")
+    eval_iters: int = _flag(10, "validation batches (iterations) per evaluation")
+    log_interval: int = _flag(1, "iterations between log lines")
+    seed: int = _flag(1234, "seed of data order and mask noise")
+    skip_nonfinite_steps: int = _flag(0, "steps with a non-finite loss or gradient norm to skip "
+                                      "before the run stops")
+    tensorboard_dir: str | None = _flag(None, "TensorBoard event files (default: none)")
+    progress: bool = _flag(True, "progress bar on rank 0")
 
     def optimizer_format(self) -> dict:
         """What a checkpoint records of the optimizer state (a resume must ask for the same)."""
+        from maskllm_megatron.training.optim import state_format
+
         fmt = state_format(self.main_grads_dtype, self.exp_avg_dtype, self.exp_avg_sq_dtype)
         return {**fmt.describe(), "train_weights": self.train_weights}
 
     def validate(self) -> None:
+        # imported here so that building --help loads no megatron
+        from maskllm_megatron import distributed
+        from maskllm_megatron.model.spec import TRANSFORMER_IMPLS
+        from maskllm_megatron.training.optim import state_format
+
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ValueError("--lr-decay-style must be cosine, linear or constant")
         if self.dense and not self.train_weights:
@@ -98,44 +143,3 @@ class TrainArgs:
         for name in ("gumbel_temperature_range", "gumbel_scale_range"):
             if len(getattr(self, name)) != 2:
                 raise ValueError(f"--{name.replace('_', '-')} takes two numbers: start end")
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with any of the flags below (same names)")
-    for f in dataclasses.fields(TrainArgs):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, bool) or f.type == "bool | None":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif isinstance(default, list):
-            kind = float if f.name.startswith("gumbel") else str
-            parser.add_argument(flag, nargs="+", type=kind, default=None)
-        else:
-            kind = {int: int, float: float}.get(type(default), str)
-            kind = {"int | None": int, "float | None": float}.get(f.type, kind)
-            parser.add_argument(flag, type=kind, default=None)
-
-
-def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
-    values: dict = {}
-    if getattr(ns, "config", None):
-        import yaml
-
-        loaded = yaml.safe_load(Path(ns.config).read_text()) or {}
-        names = {f.name for f in dataclasses.fields(TrainArgs)}
-        for key, value in loaded.items():
-            name = key.replace("-", "_")
-            if name not in names:
-                raise ValueError(f"{ns.config}: unknown setting {key!r}")
-            if isinstance(value, str) and value.startswith("~"):
-                value = os.path.expanduser(value)
-            elif isinstance(value, list):
-                value = [os.path.expanduser(v) if isinstance(v, str) else v for v in value]
-            values[name] = value
-    for f in dataclasses.fields(TrainArgs):
-        value = getattr(ns, f.name, None)
-        if value is not None:
-            values[f.name] = value
-    args = TrainArgs(**values)
-    args.validate()
-    return args

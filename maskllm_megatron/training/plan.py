@@ -1,4 +1,4 @@
-"""``maskllm plan``: per-GPU memory of a recipe at a cluster size, before anyone queues a job.
+"""Per-GPU memory of a training run at a cluster size, before anyone queues a job.
 
 Per GPU (bytes), for a model with L layers, hidden h, FFN f, heads a, KV groups g, head dim d,
 vocabulary V, at TP t and PP p (the first pipeline stage is the fullest; it is the one planned):
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maskllm_megatron.model.config import ModelConfig
+from maskllm_megatron.training.args import TrainArgs
 
 HEADROOM = 0.9
 
@@ -111,46 +112,21 @@ def suggest(cfg: ModelConfig, world: int, seq: int, global_batch: int, gpu_gb: f
     return None
 
 
-def run_plan(args) -> int:
-    """The ``maskllm plan`` command: print the table; exit 1 when the recipe's layout does not
-    fit, with a layout that does."""
-    import yaml
-
-    recipe_path = Path(args.recipe)
-    recipe = yaml.safe_load(recipe_path.read_text()) or {}
-    source = recipe.get("model_config") or recipe.get("load")
+def plan_training(args: TrainArgs, nodes: int, gpus_per_node: int,
+                  gpu_gb: float) -> tuple[Plan, Plan | None]:
+    """The layout ``args`` asks for on ``nodes`` x ``gpus_per_node`` GPUs of ``gpu_gb`` GiB and,
+    when it does not fit, the one ``suggest`` finds (None: nothing fits)."""
+    source = args.model_config or args.load
     if not source:
-        raise ValueError(f"{recipe_path} names no model_config (or load) to plan for")
+        raise ValueError("the recipe names no model_config (or load) to plan for")
     cfg = ModelConfig.load(Path(source).expanduser())
-    world = args.nodes * args.gpus_per_node
-    tp = int(recipe.get("tensor_model_parallel_size", 1))
-    pp = int(recipe.get("pipeline_model_parallel_size", 1))
-    seq = int(recipe.get("seq_length") or cfg.max_sequence_length)
-    gbs = int(recipe.get("global_batch_size", 8))
-    mbs = int(recipe.get("micro_batch_size", 1))
+    world = nodes * gpus_per_node
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    seq = args.seq_length or cfg.max_sequence_length
     if world % (tp * pp):
         raise ValueError(f"{world} GPUs are not a multiple of TP {tp} x PP {pp}")
-    plan = plan_layout(cfg, tp, pp, world, seq, mbs, gbs, args.gpu_memory)
-    _print(plan, recipe_path.name)
+    plan = plan_layout(cfg, tp, pp, world, seq, args.micro_batch_size, args.global_batch_size,
+                       gpu_gb)
     if plan.fits:
-        return 0
-    better = suggest(cfg, world, seq, gbs, args.gpu_memory, args.gpus_per_node)
-    if better is None:
-        print("no layout fits: more GPUs, or a GPU with more memory")
-    else:
-        print(f"does not fit; this does: --tensor-model-parallel-size {better.tp} "
-              f"--pipeline-model-parallel-size {better.pp} --micro-batch-size "
-              f"{better.micro_batch_size} (DP {better.dp}, {better.total / 2**30:.1f} GiB)")
-    return 1
-
-
-def _print(plan: Plan, name: str) -> None:
-    print(f"{name}: TP {plan.tp} x PP {plan.pp} x DP {plan.dp}, micro-batch "
-          f"{plan.micro_batch_size}; per GPU (first pipeline stage)")
-    for what, value in plan.rows.items():
-        print(f"  {what:<30} {value / 2**30:8.2f} GiB")
-    print(f"  {'total':<30} {plan.total / 2**30:8.2f} GiB of {plan.gpu_bytes / 2**30:.0f} GiB "
-          f"({'fits' if plan.fits else 'does NOT fit'} with {1 - HEADROOM:.0%} headroom)")
-    print(f"  training state: {plan.state_bytes_per_weight:.2f} bytes per prunable weight "
-          f"(logits, gradients, Adam moments sharded over DP {plan.dp})")
-
+        return plan, None
+    return plan, suggest(cfg, world, seq, args.global_batch_size, gpu_gb, gpus_per_node)

@@ -1,0 +1,28 @@
+"""``maskllm validate``: check an exported checkpoint without a GPU."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+
+from maskllm_megatron.cli.options import HelpFormatter
+
+
+def add_parsers(sub: typing.Any) -> None:
+    val = sub.add_parser("validate", help="check an exported checkpoint (no GPU needed)",
+                         formatter_class=HelpFormatter)
+    what = val.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    vtrt = what.add_parser("trtllm", help="every check of a TensorRT-LLM 2:4 checkpoint",
+                           formatter_class=HelpFormatter)
+    vtrt.add_argument("directory", help="the exported checkpoint directory")
+    vtrt.add_argument("--N", type=int, default=2, help="N of the N:M pattern: weights kept")
+    vtrt.add_argument("--M", type=int, default=4, help="M of the N:M pattern: group size")
+    val.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from maskllm_megatron.deploy.validate import format_report, validate_trtllm
+
+    report = validate_trtllm(args.directory, args.N, args.M)
+    print(format_report(report))
+    return 0 if report.ok else 1
