@@ -140,7 +140,7 @@ def run_eval_ppl(args) -> dict:
         raise ValueError(f"--seq-length {seq_length} exceeds the model's "
                          f"max_sequence_length {cfg.max_sequence_length}")
     model, applied, _ = load_sparse_model(
-        path, cfg, NMPattern(args.N, args.M), args.seed, args.masks,
+        path, cfg, NMPattern(args.N, args.M), args.masks,
         params_dtype=distributed.params_dtype(args, layout.device),
         sequence_parallel=args.sequence_parallel, transformer_impl=args.transformer_impl)
     tokenizer = load_tokenizer(args.tokenizer or cfg.tokenizer)

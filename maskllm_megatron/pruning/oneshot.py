@@ -282,8 +282,7 @@ def run_prune(args) -> dict:
     from maskllm_megatron.model.config import ModelConfig
     from maskllm_megatron.model.layers import (
         MaskSettings,
-        SamplingState,
-        attach_sampling,
+        assign_layer_ids,
         sparse_layers,
     )
     from maskllm_megatron.model.spec import build_model
@@ -304,7 +303,7 @@ def run_prune(args) -> dict:
                         params_dtype=distributed.params_dtype(args, layout.device),
                         sequence_parallel=args.sequence_parallel,
                         transformer_impl=args.transformer_impl)
-    attach_sampling(model, SamplingState(seed=args.seed), init_logits=False)
+    assign_layer_ids(model)
     model.eval()
     load_model(model, model_dir(args.load), missing_masks="keep")
 
