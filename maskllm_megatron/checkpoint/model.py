@@ -4,7 +4,8 @@ Mask logits are stored as sharded tensors of global shape ``[out, in // M, C]`` 
 ``[out, in // M]``), so a checkpoint saved at one TP x PP layout loads at any other. A small
 JSON sidecar records the N:M pattern; loading compares it and every mask tensor's global shape
 with the model first, so a wrong pattern or shape is a clear error, and a missing logits entry
-is an error rather than a silent re-initialisation.
+is an error rather than a silent re-initialisation. Checkpoints are written by the calling
+process alone (:func:`write_sharded`), so a user script needs no ``__main__`` guard.
 """
 
 from __future__ import annotations
@@ -14,8 +15,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
 
 from maskllm_megatron import distributed
 from maskllm_megatron.core.nm import NMPattern
@@ -61,6 +69,32 @@ def mask_tensor_shapes(sharded_state_dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
+    """megatron's ``torch_dist`` format, written by this process with torch's own file writer.
+
+    megatron's writer starts a multiprocessing manager with ``spawn`` (which runs a user's
+    script again when it has no ``__main__`` guard) and forks a process per file; this writes
+    the same tensors, keys and metadata in the caller, one file per rank."""
+
+    def __init__(self):
+        super().__init__("torch_dist", 1)
+
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+        sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+            sharded_state_dict, self.keep_only_main_replica)
+        dcp.save(mcore_to_pyt_state_dict(sharded_state_dict, False),
+                 storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                 planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                          flatten_state_dict=False))
+
+
+def write_sharded(sharded_state_dict, path: str | Path) -> None:
+    """``dist_checkpointing.save`` without starting a process (:class:`InProcessTorchDistSave`);
+    megatron's loader reads the result like any ``torch_dist`` checkpoint."""
+    dist_checkpointing.save(sharded_state_dict, str(path),
+                            sharded_strategy=InProcessTorchDistSave())
+
+
 def _pattern_of(model) -> str | None:
     patterns = {str(layer.mask_settings.pattern) for _, layer in sparse_layers(model)}
     if len(patterns) > 1:
@@ -78,7 +112,7 @@ def save_model(model, path: str | Path, masks_only: bool = False) -> None:
     if masks_only:
         sharded = {str(i): item for i, item in enumerate(_walk(sharded))
                    if str(getattr(item, "key", "")).endswith(MASK_SUFFIXES)}
-    dist_checkpointing.save(sharded, str(path))
+    write_sharded(sharded, path)
     local = {"pattern": _pattern_of(model), "masks": mask_tensor_shapes(sharded),
              "modes": sorted({layer.mode for _, layer in sparse_layers(model)})}
     gathered = [None] * dist.get_world_size() if dist.is_initialized() else [local]
