@@ -69,7 +69,8 @@ def run(args, device: torch.device) -> dict:
     from maskllm_megatron.model.layers import (
         MaskSettings,
         SamplingState,
-        attach_sampling,
+        assign_layer_ids,
+        sampling,
         set_mask_mode,
         sparse_layers,
     )
@@ -84,14 +85,16 @@ def run(args, device: torch.device) -> dict:
                                        activation="gelu"),
                       vocab_size=args.vocab, max_sequence_length=args.seq)
     model = build_model(cfg, MaskSettings(), device=device, params_dtype=dtype)
-    state = SamplingState(seed=1)
-    attach_sampling(model, state)
+    assign_layer_ids(model, logits_seed=1)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     positions = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
 
+    iteration = 0
+
     def forward_backward(chunk) -> None:
         def forward_step(data_iterator, module):
-            output = module(tokens, positions, None, labels=tokens)
+            with sampling(SamplingState(seed=1, iteration=iteration)):
+                output = module(tokens, positions, None, labels=tokens)
             return output, lambda out: (out.float().mean(), {})
 
         with cuda_literals():
@@ -101,13 +104,14 @@ def run(args, device: torch.device) -> dict:
                 forward_only=False)
 
     def timed(step) -> tuple[float, float | None]:
+        nonlocal iteration
         step()  # warm-up (kernels compiled, buffers allocated)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         times = []
         for i in range(args.repeats):
-            state.iteration = i
+            iteration = i
             start = time.perf_counter()
             step()
             if device.type == "cuda":

@@ -143,8 +143,10 @@ def on_rank0(fn):
 
 
 def set_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
-                       seed: int = 1234) -> ParallelLayout:
-    """(Re)initialise megatron's parallel state for a TP x PP layout; DP is what remains."""
+                       seed: int = 1234,
+                       virtual_pipeline_model_parallel_size: int | None = None) -> ParallelLayout:
+    """(Re)initialise megatron's parallel state for a TP x PP layout; DP is what remains.
+    ``virtual_pipeline_model_parallel_size``: model chunks per pipeline rank (interleaved)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -156,7 +158,9 @@ def set_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
         _destroy_subgroups()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size)
     if cpu_shims.active():
         cpu_shims.install_cpu_rng_tracker()
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

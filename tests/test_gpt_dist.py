@@ -12,32 +12,42 @@ from maskllm_megatron.cpu_shims import cuda_literals
 SEQ, MBS, VOCAB, MICROBATCHES = 16, 2, 128, 4
 
 
-def _config(glu: bool, query_groups=None):
+def _config(glu: bool, query_groups=None, num_layers=2):
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     extra = dict(gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
                  num_query_groups=query_groups) if glu else {}
     return TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+        num_layers=num_layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
         pipeline_dtype=torch.float32, use_cpu_initialization=True, hidden_dropout=0.0,
         attention_dropout=0.0, batch_p2p_comm=False, add_bias_linear=True, **extra)
 
 
-def _build(glu, query_groups=None, pattern=(2, 4), mode="learn", sparse=None, seed=11):
+def _build(glu, query_groups=None, pattern=(2, 4), mode="learn", sparse=None, seed=11,
+           num_layers=2):
+    """The model (a list of chunks under a virtual pipeline) and the step's sampling state."""
+    from megatron.core import parallel_state as ps
+
     from maskllm_megatron.core.nm import NMPattern
-    from maskllm_megatron.model.layers import MaskSettings, SamplingState, attach_sampling
+    from maskllm_megatron.model.layers import MaskSettings, SamplingState, assign_layer_ids
     from maskllm_megatron.model.spec import SPARSE_LAYER_KINDS, build_gpt_model
 
     torch.manual_seed(0)
-    model = build_gpt_model(_config(glu, query_groups), VOCAB, SEQ,
-                            MaskSettings(pattern=NMPattern(*pattern), mode=mode),
-                            sparse_layers=SPARSE_LAYER_KINDS if sparse is None else sparse)
-    state = SamplingState(seed=seed, iteration=5, tau=1.0, kappa=100.0)
-    attach_sampling(model, state)
-    return model, state
+    config = _config(glu, query_groups, num_layers)
+    settings = MaskSettings(pattern=NMPattern(*pattern), mode=mode)
+
+    def build(vp_stage=None):
+        return build_gpt_model(config, VOCAB, SEQ, settings, vp_stage=vp_stage,
+                               sparse_layers=SPARSE_LAYER_KINDS if sparse is None else sparse)
+
+    chunks = ps.get_virtual_pipeline_model_parallel_world_size()
+    model = [build(stage) for stage in range(chunks)] if chunks else build()
+    assign_layer_ids(model, logits_seed=seed)
+    return model, SamplingState(seed=seed, iteration=5, tau=1.0, kappa=100.0)
 
 
 def _batches():
@@ -52,17 +62,25 @@ def _inputs():
 
 
 def _train_step(model, state):
-    """Forward+backward of MICROBATCHES micro-batches through megatron's schedule."""
+    """Forward+backward of MICROBATCHES micro-batches through megatron's schedule (each chunk
+    of a virtual pipeline with its own data iterator); the per-micro-batch losses."""
+    import dataclasses
+
     import torch.distributed as dist
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    counter = iter(range(MICROBATCHES))
+    from maskllm_megatron.model.layers import sampling
+    from maskllm_megatron.training.step import microbatch_iterators, model_chunks
+
+    batches = _batches()
     position_ids, causal = _inputs()
 
     def forward_step(data_iterator, model):
-        tokens = next(data_iterator)
-        state.microbatch = next(counter)
-        output = model(tokens, position_ids, causal, labels=tokens)
+        k, tokens = next(data_iterator)
+        with sampling(dataclasses.replace(state, microbatch=k)):
+            output = model(tokens, position_ids, causal, labels=tokens)
+        # the schedule's own micro-batch, which megatron sets on the layers it runs
+        assert all(layer.current_microbatch == k for layer in model.decoder.layers), k
 
         def loss_func(output_tensor):
             loss = output_tensor.float().mean()
@@ -72,11 +90,13 @@ def _train_step(model, state):
 
     with cuda_literals():  # megatron's schedules write device="cuda"
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(_batches()), model=[model],
-            num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
-    mean = float(torch.stack([d["lm"] for d in losses]).mean()) if losses else None
+            forward_step_func=forward_step,
+            data_iterator=microbatch_iterators(model, MICROBATCHES, batches.__getitem__),
+            model=model_chunks(model), num_microbatches=MICROBATCHES, seq_length=SEQ,
+            micro_batch_size=MBS, forward_only=False)
+    per_microbatch = [float(d["lm"]) for d in losses] if losses else None
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mean)
+    dist.all_gather_object(everyone, per_microbatch)
     return next(v for v in everyone if v is not None)
 
 
@@ -115,6 +135,50 @@ def test_gpt_loss_and_logit_grads_equal_across_tp_and_pp(dist4, tmp_path, glu):
             scale = want.abs().max().item()
             torch.testing.assert_close(grads[key], want, rtol=1e-4, atol=1e-5 * scale,
                                        msg=f"{key} at TP={tp} PP={pp}")
+
+
+def case_save_four_layers(path):
+    from maskllm_megatron.checkpoint.model import save_model
+
+    model, _ = _build(glu=True, query_groups=2, num_layers=4)
+    save_model(model, path)
+
+
+def case_train_step_four_layers(path, virtual_pipeline):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from maskllm_megatron import distributed
+    from maskllm_megatron.checkpoint.model import global_tensors, load_model
+    from maskllm_megatron.training.step import model_chunks
+
+    if virtual_pipeline:  # the pool set TP x PP; add the model chunks per pipeline rank
+        distributed.set_model_parallel(ps.get_tensor_model_parallel_world_size(),
+                                       ps.get_pipeline_model_parallel_world_size(),
+                                       virtual_pipeline_model_parallel_size=virtual_pipeline)
+    model, state = _build(glu=True, query_groups=2, num_layers=4, seed=99)
+    assert len(model_chunks(model)) == (virtual_pipeline or 1)
+    load_model(model, path)
+    losses = _train_step(model, state)
+    grads = global_tensors(model, suffixes=(".mask_logits",), grads=True)
+    return (losses, grads) if dist.get_rank() == 0 else None
+
+
+def test_interleaved_pipeline_samples_each_microbatch_as_pp1(dist4, tmp_path):
+    """PP=2 with two interleaved chunks per rank (megatron's virtual pipeline schedule runs the
+    chunks' micro-batches out of order): every micro-batch's loss and the logit gradients equal
+    PP=1's, so each forward call sampled at its own micro-batch."""
+    path = str(tmp_path / "ref")
+    dist4.run(case_save_four_layers, path)
+    ref_losses, ref_grads = dist4.run(case_train_step_four_layers, path, None)[0]
+    assert len(ref_losses) == MICROBATCHES and len(set(ref_losses)) == MICROBATCHES
+    losses, grads = dist4.run(case_train_step_four_layers, path, 2, pp=2)[0]
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert grads.keys() == ref_grads.keys() and all(g.shape[0] == 4 for g in grads.values())
+    for key, want in ref_grads.items():
+        assert all(want[layer].abs().sum() > 0 for layer in range(4)), key
+        torch.testing.assert_close(grads[key], want, rtol=1e-4,
+                                   atol=1e-5 * want.abs().max().item(), msg=key)
 
 
 def case_hard_equals_dense():

@@ -17,7 +17,7 @@ def case_column_row_tp2(sequence_parallel: bool):
         SamplingState,
         SparseColumnParallelLinear,
         SparseRowParallelLinear,
-        regularizer,
+        sampling,
     )
     from maskllm_megatron.sampling import NoiseKey, sample_masked_weight
 
@@ -39,7 +39,7 @@ def case_column_row_tp2(sequence_parallel: bool):
         row.bias.normal_()
     state = SamplingState(seed=7, iteration=3, microbatch=1, tau=2.0, kappa=50.0)
     for layer_id, layer in ((8, col), (9, row)):
-        layer.layer_id, layer.sampling = layer_id, state
+        layer.layer_id = layer_id
         layer.init_mask_logits(seed=state.seed, std=0.05)
     assert not col.weight.requires_grad and not row.weight.requires_grad
     assert col.mask_logits.shape == (24 // tp * 2, 8, 6)
@@ -49,10 +49,12 @@ def case_column_row_tp2(sequence_parallel: bool):
     x = torch.randn(8, 2, 32, generator=gen)  # [seq, batch, hidden], same on every rank
     probe = torch.randn(8, 2, 16, generator=gen)
     x_in = x.chunk(tp, dim=0)[rank] if sequence_parallel else x
-    h, _ = col(x_in)
-    y, _ = row(F.gelu(h))
-    reg_local = col.mask_reg + row.mask_reg
-    assert torch.equal(regularizer(torch.nn.ModuleList([col, row])), reg_local)
+    with sampling(state) as sample:
+        h, _ = col(x_in)
+        y, _ = row(F.gelu(h))
+    assert len(sample.terms) == 2 and not hasattr(col, "mask_reg")  # nothing left on layers
+    reg_local = sample.regularizer()
+    assert torch.equal(reg_local, sample.terms[0] + sample.terms[1])
     probe_local = probe.chunk(tp, dim=0)[rank] if sequence_parallel else probe
     ((y * probe_local).sum() + 0.3 * reg_local).backward()
 
@@ -143,6 +145,7 @@ def case_fused_grad_accumulation_glu_tp2():
         SamplingState,
         SparseColumnParallelLinear,
         SparseRowParallelLinear,
+        sampling,
     )
 
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
@@ -160,26 +163,26 @@ def case_fused_grad_accumulation_glu_tp2():
         fc2 = SparseRowParallelLinear(48, 32, config=cfg, init_method=init, bias=False,
                                       input_is_parallel=True, skip_bias_add=False,
                                       tp_comm_buffer_name="fc2", mask_settings=settings)
-        state = SamplingState(seed=3, iteration=5, tau=2.0, kappa=60.0)
         for layer_id, layer in ((10, fc1), (11, fc2)):
-            layer.layer_id, layer.sampling = layer_id, state
-            layer.init_mask_logits(seed=state.seed, std=0.05)
+            layer.layer_id = layer_id
+            layer.init_mask_logits(seed=3, std=0.05)
             layer.mask_logits.main_grad = torch.full_like(layer.mask_logits, 0.25,
                                                           dtype=torch.bfloat16)
-        return fc1, fc2, state
+        return fc1, fc2
 
     results = []
     for fuse in (True, False):
-        fc1, fc2, state = build(fuse)
+        fc1, fc2 = build(fuse)
         assert fc1._glu and len(fc1._row_segments()) == 2
         gen = torch.Generator().manual_seed(1)
         for microbatch in range(2):
-            state.microbatch = microbatch
             x = torch.randn(6, 2, 32, generator=gen)
-            h, _ = fc1(x)
-            gate, up = h.chunk(2, dim=-1)
-            y, _ = fc2(F.silu(gate) * up)
-            ((y * torch.randn(y.shape, generator=gen)).sum() + 0.2 * (fc1.mask_reg + fc2.mask_reg)
+            state = SamplingState(seed=3, iteration=5, microbatch=microbatch, tau=2.0, kappa=60.0)
+            with sampling(state) as sample:
+                h, _ = fc1(x)
+                gate, up = h.chunk(2, dim=-1)
+                y, _ = fc2(F.silu(gate) * up)
+            ((y * torch.randn(y.shape, generator=gen)).sum() + 0.2 * sample.regularizer()
              ).backward()
             for layer in (fc1, fc2):
                 if fuse:

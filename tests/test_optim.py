@@ -242,6 +242,7 @@ def case_fused_accumulation_under_ddp():
         SamplingState,
         SparseColumnParallelLinear,
         SparseRowParallelLinear,
+        sampling,
     )
     from maskllm_megatron.training.grads import wrap_model
 
@@ -263,15 +264,13 @@ def case_fused_accumulation_under_ddp():
             self.fc2 = SparseRowParallelLinear(
                 48, 32, config=cfg, init_method=init, bias=False, input_is_parallel=True,
                 skip_bias_add=False, tp_comm_buffer_name="fc2", mask_settings=settings)
-            self.state = SamplingState(seed=3, iteration=5, tau=2.0, kappa=60.0,
-                                       dp_rank=ps.get_data_parallel_rank())
             for layer_id, layer in ((10, self.fc1), (11, self.fc2)):
-                layer.layer_id, layer.sampling = layer_id, self.state
+                layer.layer_id = layer_id
                 layer.init_mask_logits(seed=3, std=0.05)
 
         def forward(self, x):
             gate, up = self.fc1(x)[0].chunk(2, dim=-1)
-            return self.fc2(F.silu(gate) * up)[0], self.fc1.mask_reg + self.fc2.mask_reg
+            return self.fc2(F.silu(gate) * up)[0]
 
     results = []
     for fuse in (True, False):
@@ -280,10 +279,13 @@ def case_fused_accumulation_under_ddp():
         chunk.zero_grad_buffer()
         gen = torch.Generator().manual_seed(1 + ps.get_data_parallel_rank())
         for microbatch in range(2):
-            block.state.microbatch = microbatch
+            state = SamplingState(seed=3, iteration=5, microbatch=microbatch, tau=2.0, kappa=60.0,
+                                  dp_rank=ps.get_data_parallel_rank())
             context = chunk.no_sync() if microbatch == 0 else torch.enable_grad()
             with context:
-                y, reg = chunk(torch.randn(6, 2, 32, generator=gen))
+                with sampling(state) as sample:
+                    y = chunk(torch.randn(6, 2, 32, generator=gen))
+                reg = sample.regularizer()
                 ((y * torch.randn(y.shape, generator=gen)).sum() + 0.2 * reg).backward()
             for layer in (block.fc1, block.fc2):
                 assert layer.mask_logits.grad is None  # DDP's hook cleared it

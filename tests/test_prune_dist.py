@@ -17,7 +17,7 @@ def _build(mode="fixed", sequence_parallel=False):
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from maskllm_megatron.model.layers import MaskSettings, SamplingState, attach_sampling
+    from maskllm_megatron.model.layers import MaskSettings, assign_layer_ids
     from maskllm_megatron.model.spec import build_gpt_model
 
     config = TransformerConfig(
@@ -29,7 +29,7 @@ def _build(mode="fixed", sequence_parallel=False):
         sequence_parallel=sequence_parallel)
     torch.manual_seed(0)
     model = build_gpt_model(config, VOCAB, SEQ, MaskSettings(mode=mode))
-    attach_sampling(model, SamplingState(), init_logits=False)
+    assign_layer_ids(model)
     return model
 
 

@@ -116,13 +116,13 @@ import sys, torch
 from maskllm_megatron import distributed
 from maskllm_megatron.checkpoint.model import save_model
 from maskllm_megatron.cpu_shims import cpu_shims
-from maskllm_megatron.model.layers import attach_sampling, SamplingState, sparse_layers
+from maskllm_megatron.model.layers import assign_layer_ids, sparse_layers
 from maskllm_megatron.model.config import ModelConfig
 from maskllm_megatron.model.spec import build_model
 with cpu_shims():
     distributed.init_distributed(1, 1, device="cpu")
     model = build_model(ModelConfig.load(sys.argv[1]))
-    attach_sampling(model, SamplingState())
+    assign_layer_ids(model, logits_seed=1234)
     if sys.argv[3] == "nan":
         with torch.no_grad():
             sparse_layers(model)[0][1].weight[0, 0] = float("nan")
@@ -229,12 +229,12 @@ def case_save_start(corpus, path):
     from maskllm_megatron.checkpoint.model import save_model
     from maskllm_megatron.distributed import current_layout
     from maskllm_megatron.model.config import ModelConfig
-    from maskllm_megatron.model.layers import SamplingState, attach_sampling
+    from maskllm_megatron.model.layers import assign_layer_ids
     from maskllm_megatron.model.spec import build_model
 
     layout = current_layout()
     model = build_model(ModelConfig.load(corpus / "model"), tp=layout.tp, pp=layout.pp)
-    attach_sampling(model, SamplingState(seed=3))
+    assign_layer_ids(model, logits_seed=3)
     save_model(model, path)
 
 

@@ -4,7 +4,8 @@ Mask logits are stored as sharded tensors of global shape ``[out, in // M, C]`` 
 ``[out, in // M]``), so a checkpoint saved at one TP x PP layout loads at any other. A small
 JSON sidecar records the N:M pattern; loading compares it and every mask tensor's global shape
 with the model first, so a wrong pattern or shape is a clear error, and a missing logits entry
-is an error rather than a silent re-initialisation.
+is an error rather than a silent re-initialisation. Checkpoints are written by the calling
+process alone (:func:`write_sharded`), so a user script needs no ``__main__`` guard.
 """
 
 from __future__ import annotations
@@ -14,15 +15,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
 
 from maskllm_megatron import distributed
 from maskllm_megatron.core.nm import NMPattern
 from maskllm_megatron.model.layers import (
     MaskSettings,
-    SamplingState,
-    attach_sampling,
+    assign_layer_ids,
     set_mask_mode,
     sparse_layers,
 )
@@ -62,6 +69,32 @@ def mask_tensor_shapes(sharded_state_dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
+    """megatron's ``torch_dist`` format, written by this process with torch's own file writer.
+
+    megatron's writer starts a multiprocessing manager with ``spawn`` (which runs a user's
+    script again when it has no ``__main__`` guard) and forks a process per file; this writes
+    the same tensors, keys and metadata in the caller, one file per rank."""
+
+    def __init__(self):
+        super().__init__("torch_dist", 1)
+
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+        sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+            sharded_state_dict, self.keep_only_main_replica)
+        dcp.save(mcore_to_pyt_state_dict(sharded_state_dict, False),
+                 storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                 planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                          flatten_state_dict=False))
+
+
+def write_sharded(sharded_state_dict, path: str | Path) -> None:
+    """``dist_checkpointing.save`` without starting a process (:class:`InProcessTorchDistSave`);
+    megatron's loader reads the result like any ``torch_dist`` checkpoint."""
+    dist_checkpointing.save(sharded_state_dict, str(path),
+                            sharded_strategy=InProcessTorchDistSave())
+
+
 def _pattern_of(model) -> str | None:
     patterns = {str(layer.mask_settings.pattern) for _, layer in sparse_layers(model)}
     if len(patterns) > 1:
@@ -79,7 +112,7 @@ def save_model(model, path: str | Path, masks_only: bool = False) -> None:
     if masks_only:
         sharded = {str(i): item for i, item in enumerate(_walk(sharded))
                    if str(getattr(item, "key", "")).endswith(MASK_SUFFIXES)}
-    dist_checkpointing.save(sharded, str(path))
+    write_sharded(sharded, path)
     local = {"pattern": _pattern_of(model), "masks": mask_tensor_shapes(sharded),
              "modes": sorted({layer.mode for _, layer in sparse_layers(model)})}
     gathered = [None] * dist.get_world_size() if dist.is_initialized() else [local]
@@ -105,7 +138,9 @@ def read_sidecar(path: str | Path) -> dict | None:
 
 
 def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
-    """Load a checkpoint saved at any parallel layout into ``model`` (this rank's stage).
+    """Load a checkpoint saved at any parallel layout into ``model`` (this rank's stage, or
+    its list of virtual-pipeline chunks: loaded in one call, as the checkpoint is validated
+    against every rank's whole request).
 
     ``missing_masks="error"`` (default) refuses a checkpoint without the model's mask tensors;
     ``"keep"`` loads a dense checkpoint (e.g. converted from Hugging Face) and keeps the
@@ -122,7 +157,8 @@ def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
     if sidecar and sidecar.get("pattern") and pattern and sidecar["pattern"] != pattern:
         raise ValueError(f"checkpoint {path} holds {sidecar['pattern']} masks but the model is "
                          f"built for {pattern}")
-    sharded = model.sharded_state_dict()
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    sharded = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
     stored = dist_checkpointing.load_tensors_metadata(str(path))
     missing = []
     for key, shape in mask_tensor_shapes(sharded).items():
@@ -146,10 +182,12 @@ def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
     sharded = _drop_keys(sharded, {str(getattr(item, "key", "")) for item in _walk(sharded)
                                    if str(getattr(item, "key", "")).endswith("_extra_state")})
     state = dist_checkpointing.load(sharded, str(path))
-    result = model.load_state_dict(state, strict=False)
-    unexpected = list(result.unexpected_keys)
-    absent = [k for k in result.missing_keys if not k.endswith(MASK_SUFFIXES)
-              and not k.endswith("_extra_state")]
+    unexpected, absent = [], []
+    for i, chunk in enumerate(chunks):
+        result = chunk.load_state_dict(state[f"model{i}"], strict=False)
+        unexpected += result.unexpected_keys
+        absent += [k for k in result.missing_keys if not k.endswith(MASK_SUFFIXES)
+                   and not k.endswith("_extra_state")]
     if unexpected or absent:
         raise ValueError(f"checkpoint {path} does not match the model: missing {absent[:5]}, "
                          f"unexpected {unexpected[:5]}")
@@ -169,13 +207,15 @@ def _drop_keys(tree, keys: set[str]):
 
 @torch.no_grad()
 def global_tensors(model, suffixes=MASK_SUFFIXES, grads: bool = False) -> dict[str, torch.Tensor]:
-    """Assemble full (unsharded) tensors of this model across every rank (tests, tools).
+    """Assemble full (unsharded) tensors of this model (or list of virtual-pipeline chunks)
+    across every rank (tests, tools).
 
     Uses the sharded-state-dict layout, so the result is in the TP-invariant global layout;
     with ``grads=True`` the parameters' gradients are assembled instead.
     """
+    chunks = model if isinstance(model, (list, tuple)) else [model]
     pieces = []
-    for item in _walk(model.sharded_state_dict()):
+    for item in _walk([chunk.sharded_state_dict() for chunk in chunks]):
         if isinstance(item, ShardedTensorFactory):
             if not item.key.endswith(suffixes):
                 continue
@@ -218,7 +258,7 @@ def checkpoint_mask_mode(path: str | Path) -> str:
     return "dense"
 
 
-def load_sparse_model(path: str | Path, cfg, pattern, seed: int = 1234, masks: str = "auto",
+def load_sparse_model(path: str | Path, cfg, pattern, masks: str = "auto",
                       params_dtype: torch.dtype | None = None, sequence_parallel: bool = False,
                       transformer_impl: str | None = None):
     """Build the model at the current TP x PP on this rank's device and load ``path`` with its
@@ -232,7 +272,7 @@ def load_sparse_model(path: str | Path, cfg, pattern, seed: int = 1234, masks: s
     model = build_model(cfg, MaskSettings(pattern=pattern, mode=build_mode), tp=layout.tp,
                         pp=layout.pp, device=layout.device, params_dtype=params_dtype,
                         sequence_parallel=sequence_parallel, transformer_impl=transformer_impl)
-    attach_sampling(model, SamplingState(seed=seed), init_logits=False)
+    assign_layer_ids(model)
     load_model(model, path, missing_masks="keep" if stored == "dense" else "error")
     model.eval()
     if stored == "hard":

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
-from maskllm_megatron.checkpoint.model import parameter_entries
+from maskllm_megatron.checkpoint.model import parameter_entries, write_sharded
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -34,8 +34,7 @@ def moment_entries(entries: dict[int, object], params: list[torch.nn.Parameter],
 def save_moments(model, optimizer, path: str | Path) -> None:
     """Gather this optimizer's moments over data parallel and write them under ``path``."""
     moments = optimizer.gather_moments()
-    dist_checkpointing.save(moment_entries(parameter_entries(model), optimizer.params(), moments),
-                            str(path))
+    write_sharded(moment_entries(parameter_entries(model), optimizer.params(), moments), path)
 
 
 def load_moments(model, optimizer, path: str | Path, step_count: int) -> None:

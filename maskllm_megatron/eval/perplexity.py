@@ -153,7 +153,7 @@ def evaluate_checkpoint(args) -> PerplexityReport:
         raise ValueError(f"--seq-length {seq_length} exceeds the model's "
                          f"max_sequence_length {cfg.max_sequence_length}")
     model, applied, _ = load_sparse_model(
-        path, cfg, NMPattern(args.N, args.M), args.seed, args.masks,
+        path, cfg, NMPattern(args.N, args.M), args.masks,
         params_dtype=distributed.params_dtype(args, layout.device),
         sequence_parallel=args.sequence_parallel, transformer_impl=args.transformer_impl)
     tokens = read_text_tokens(args.text, load_tokenizer(args.tokenizer or cfg.tokenizer))

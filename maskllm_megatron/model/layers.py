@@ -17,12 +17,18 @@ Modes (:data:`MODES`):
 * ``dense``: no mask.
 
 Sampling needs the training position (seed, iteration, micro-batch, data-parallel rank, tau,
-kappa); the trainer shares one :class:`SamplingState` with every layer through
-:func:`attach_sampling`, which also gives each layer a stable id from its global layer number.
+kappa). Nothing about it lives on a layer: each forward call runs inside :func:`sampling`, a
+scope holding one :class:`SamplingState` (so the micro-batch is the one the pipeline schedule
+gave that call, also under interleaved schedules) that also collects the layers' regulariser
+terms for the caller. :func:`assign_layer_ids` gives each layer a stable id from its global
+layer number.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -59,9 +65,10 @@ class MaskSettings:
             raise ValueError(f"unknown mask mode {self.mode!r}; choose from {', '.join(MODES)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingState:
-    """Where training is, shared by every sparse layer of a model; the trainer updates it."""
+    """Where one forward call samples: its noise key's training position and the Gumbel
+    schedule's tau and kappa. Frozen: each call gets its own, nothing shared is mutated."""
 
     seed: int = 1234
     iteration: int = 0
@@ -69,6 +76,34 @@ class SamplingState:
     dp_rank: int = 0
     tau: float = 4.0
     kappa: float = 100.0
+
+
+class MaskSample:
+    """One forward call's sampling scope: the state its learn-mode layers draw noise at, and
+    the regulariser terms ``sum((W * mask)**2)`` they produced, handed to the caller rather
+    than kept on the layers."""
+
+    def __init__(self, state: SamplingState):
+        self.state = state
+        self.terms: list[torch.Tensor] = []
+
+    def regularizer(self) -> torch.Tensor | None:
+        """Sum of this call's terms (this rank's sparse layers), or None without any."""
+        return sum(self.terms) if self.terms else None
+
+
+_ACTIVE_SAMPLE: ContextVar[MaskSample | None] = ContextVar("maskllm_sample", default=None)
+
+
+@contextmanager
+def sampling(state: SamplingState) -> Iterator[MaskSample]:
+    """Scope one forward call: learn-mode layers inside it sample at ``state``."""
+    sample = MaskSample(state)
+    token = _ACTIVE_SAMPLE.set(sample)
+    try:
+        yield sample
+    finally:
+        _ACTIVE_SAMPLE.reset(token)
 
 
 class _SparseLinear:
@@ -79,9 +114,7 @@ class _SparseLinear:
     def _setup_mask(self, settings: MaskSettings | None, tp_comm_buffer_name: str | None) -> None:
         self.mask_settings = settings = settings or MaskSettings()
         self.kind = tp_comm_buffer_name or "linear"
-        self.sampling: SamplingState | None = None
         self.layer_id: int | None = None
-        self.mask_reg: torch.Tensor | None = None  # sum((W * mask)**2) of the last forward
         pattern = settings.pattern
         out_local, in_local = self.weight.shape
         if in_local % pattern.m != 0:
@@ -141,20 +174,21 @@ class _SparseLinear:
         if self.mode == "hard":
             return weight * hard_mask_from_logits(self.mask_logits.detach(), pattern).to(
                 weight.dtype)
-        if self.sampling is None or self.layer_id is None:
-            raise RuntimeError(f"{type(self).__name__} ({self.kind}) is in learn mode but has no "
-                               "sampling state: call maskllm_megatron.model.layers.attach_sampling("
-                               "model, state) after building the model")
-        s = self.sampling
-        key = NoiseKey(seed=s.seed, layer=self.layer_id, iteration=s.iteration,
+        sample = _ACTIVE_SAMPLE.get()
+        if sample is None:
+            raise RuntimeError(f"{type(self).__name__} ({self.kind}) is in learn mode: run the "
+                               "forward call inside maskllm_megatron.model.layers.sampling(state)")
+        s = sample.state
+        key = NoiseKey(seed=s.seed, layer=self._require_id(), iteration=s.iteration,
                        microbatch=s.microbatch, dp_rank=s.dp_rank)
         main_grad = getattr(self.mask_logits, "main_grad", None)
         if not self.mask_settings.fuse_grad_accumulation:
             main_grad = None
-        out, self.mask_reg = sample_masked_weight(
+        out, reg = sample_masked_weight(
             weight, self.mask_logits, pattern, tau=s.tau, kappa=s.kappa, key=key,
             segments=self._row_segments(), hard=self.mask_settings.hard_sampling,
             backend=self.mask_settings.backend, main_grad=main_grad)
+        sample.terms.append(reg)
         return out
 
     def _forward_impl(self, input, weight, *args, **kwargs):
@@ -179,7 +213,7 @@ class _SparseLinear:
 
     def _require_id(self) -> int:
         if self.layer_id is None:
-            raise RuntimeError("layer ids are assigned by attach_sampling(model, state)")
+            raise RuntimeError("layer ids are assigned by assign_layer_ids(model)")
         return self.layer_id
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -240,10 +274,10 @@ def sparse_layers(model) -> list[tuple[str, _SparseLinear]]:
             if isinstance(module, _SparseLinear)]
 
 
-def attach_sampling(model, state: SamplingState, init_logits: bool = True) -> list:
-    """Share ``state`` with every sparse layer, give each a stable id, and (by default) draw
-    the initial logits. Ids come from the global transformer layer number, so they do not
-    depend on the pipeline layout."""
+def assign_layer_ids(model, logits_seed: int | None = None) -> list:
+    """Give every sparse layer (of a model or a list of pipeline chunks) a stable id, part of
+    its noise key, and with ``logits_seed`` draw the initial logits. Ids come from the global
+    transformer layer number, so they do not depend on the pipeline layout."""
     layers = []
     chunks = model if isinstance(model, (list, tuple)) else [model]
     for chunk in chunks:
@@ -258,16 +292,15 @@ def attach_sampling(model, state: SamplingState, init_logits: bool = True) -> li
                     if kind is None:  # not one of megatron's four: ids 4.. in module order
                         kind, others = 4 + others, others + 1
                     sub.layer_id = int(number) * 8 + kind
-                    sub.sampling = state
                     layers.append(sub)
+    numbered = {id(sub) for sub in layers}
     for _, sub in sparse_layers(model):  # sparse layers outside transformer layers, if any
-        if sub.sampling is None:
+        if id(sub) not in numbered:
             sub.layer_id = (1 << 20) + len(layers)
-            sub.sampling = state
             layers.append(sub)
-    if init_logits:
+    if logits_seed is not None:
         for sub in layers:
-            sub.init_mask_logits(state.seed)
+            sub.init_mask_logits(logits_seed)
     return layers
 
 
@@ -294,10 +327,4 @@ def fix_masks(model) -> None:
         layer.register_buffer("mask_indices", indices)
         layer._mark_sharded(layer.mask_indices)
         layer.mode = "fixed"
-
-
-def regularizer(model) -> torch.Tensor | None:
-    """Sum of ``||W * mask||^2`` over this rank's sparse layers from their last forward."""
-    terms = [layer.mask_reg for _, layer in sparse_layers(model) if layer.mask_reg is not None]
-    return sum(terms) if terms else None
 

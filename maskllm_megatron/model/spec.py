@@ -159,24 +159,27 @@ def build_gpt_model(
     position_embedding_type: str = "rope",
     share_embeddings_and_output_weights: bool = True,
     transformer_impl: str = "local",
+    vp_stage: int | None = None,
     **gpt_kwargs,
 ) -> GPTModel:
-    """megatron-core's GPTModel for this rank's pipeline stage, built from the sparse spec."""
+    """megatron-core's GPTModel for this rank's pipeline stage, built from the sparse spec;
+    ``vp_stage``: which of this rank's virtual-pipeline chunks (interleaved schedules)."""
     spec = get_sparse_gpt_layer_spec(
         mask_settings, sparse_layers, normalization=config.normalization,
         qk_layernorm=config.qk_layernorm, transformer_impl=transformer_impl)
     # the final norm too: megatron's block would pick its own default class
     block = ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
-        layer_specs=[spec] * get_num_layers_to_build(config),
+        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
         layer_norm=spec.submodules.input_layernorm))
     with cuda_literals():  # tied embeddings at PP > 1 call .cuda()
         return GPTModel(
             config=config, transformer_layer_spec=block, vocab_size=vocab_size,
             max_sequence_length=max_sequence_length,
-            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             position_embedding_type=position_embedding_type,
             share_embeddings_and_output_weights=share_embeddings_and_output_weights,
-            **gpt_kwargs)
+            vp_stage=vp_stage, **gpt_kwargs)
 
 
 def build_model(cfg, mask_settings: MaskSettings | None = None, *, tp: int = 1, pp: int = 1,

@@ -296,8 +296,7 @@ def prune_checkpoint(args) -> PruneReport:
     from maskllm_megatron.model.config import ModelConfig, copy_model_files
     from maskllm_megatron.model.layers import (
         MaskSettings,
-        SamplingState,
-        attach_sampling,
+        assign_layer_ids,
         sparse_layers,
     )
     from maskllm_megatron.model.spec import build_model
@@ -317,7 +316,7 @@ def prune_checkpoint(args) -> PruneReport:
                         params_dtype=distributed.params_dtype(args, layout.device),
                         sequence_parallel=args.sequence_parallel,
                         transformer_impl=args.transformer_impl)
-    attach_sampling(model, SamplingState(seed=args.seed), init_logits=False)
+    assign_layer_ids(model)
     model.eval()
     load_model(model, model_dir(args.load), missing_masks="keep")
 

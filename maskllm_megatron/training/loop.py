@@ -52,7 +52,7 @@ from maskllm_megatron.model.config import ModelConfig, copy_model_files
 from maskllm_megatron.model.layers import (
     MaskSettings,
     SamplingState,
-    attach_sampling,
+    assign_layer_ids,
     sparse_layers,
 )
 from maskllm_megatron.model.spec import build_model
@@ -100,7 +100,7 @@ def train(args: TrainArgs) -> dict:
         raise ValueError(f"--sequence-parallel splits the sequence over {layout.tp} TP ranks: "
                          f"--seq-length {seq_length} must be a multiple of it")
     pattern = NMPattern(args.N, args.M)
-    model, state = _build_model(args, model_cfg, layout)
+    model = _build_model(args, model_cfg, layout)
     chunk, optimizer = _optimizer(model, args, layout.device)
     scaler = _grad_scaler(args, model.config)
     scheduler = lr_scheduler(optimizer, args)
@@ -128,8 +128,8 @@ def train(args: TrainArgs) -> dict:
     skipped = 0
     metrics: dict = {}
     for iteration in range(start, args.train_iters):
-        state.iteration, state.dp_rank = iteration, layout.dp_rank
-        state.tau, state.kappa = schedule.tau(iteration), schedule.kappa(iteration)
+        state = SamplingState(seed=args.seed, iteration=iteration, dp_rank=layout.dp_rank,
+                              tau=schedule.tau(iteration), kappa=schedule.kappa(iteration))
         lr = optimizer.param_groups[0]["lr"]
         reg_weight = args.weight_reg * (1.0 - iteration / args.train_iters)
         optimizer.zero_grad()
@@ -192,9 +192,8 @@ def _build_model(args: TrainArgs, cfg: ModelConfig, layout):
                         params_dtype=distributed.params_dtype(args, layout.device),
                         sequence_parallel=args.sequence_parallel,
                         transformer_impl=args.transformer_impl)
-    state = SamplingState(seed=args.seed, dp_rank=layout.dp_rank)
-    attach_sampling(model, state)
-    return model, state
+    assign_layer_ids(model, logits_seed=args.seed)
+    return model
 
 
 def _optimizer(model, args: TrainArgs, device: torch.device) -> tuple:

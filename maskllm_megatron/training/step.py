@@ -2,10 +2,15 @@
 
 The language-model loss is written once (:func:`masked_lm_loss`); training, validation and
 pruning's calibration all reach the model through :func:`forward_backward` and
-:func:`forward_passes`.
+:func:`forward_passes`. Each model chunk gets its own iterator of ``(micro-batch index, batch)``
+(:func:`microbatch_iterators`), so the index that keys a forward call's noise is the schedule's
+own, also under megatron's interleaved (virtual pipeline) schedule.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -15,7 +20,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from maskllm_megatron import distributed
 from maskllm_megatron.cpu_shims import cuda_literals
 from maskllm_megatron.data.datasets import batch_for
-from maskllm_megatron.model.layers import regularizer, set_mask_mode, sparse_layers
+from maskllm_megatron.model.layers import SamplingState, sampling, set_mask_mode, sparse_layers
 
 
 def masked_lm_loss(output_tensor: torch.Tensor, loss_mask: torch.Tensor):
@@ -42,19 +47,32 @@ class _AuxLoss(torch.autograd.Function):
                                        device=ctx.aux_device), None
 
 
-def forward_backward(chunk, state, dataset, batches, iteration, seq_length, reg_weight,
-                      device) -> tuple[float, float]:
+def model_chunks(model) -> list:
+    """A model or a list of virtual-pipeline chunks, as the list megatron's schedules take."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def microbatch_iterators(model, num_microbatches: int,
+                         batch_of: Callable[[int], object]) -> list[Iterator[tuple[int, object]]]:
+    """One iterator of ``(micro-batch index, batch_of(index))`` per model chunk: megatron's
+    schedules hand chunk ``c``'s iterator to each forward call of chunk ``c``, and every
+    schedule (interleaved ones too) runs a chunk through the micro-batches in order."""
+    return [((k, batch_of(k)) for k in range(num_microbatches)) for _ in model_chunks(model)]
+
+
+def forward_backward(model, state: SamplingState, dataset, batches, iteration: int,
+                     seq_length: int, reg_weight: float, device) -> tuple[float, float]:
     """megatron's forward-backward over this iteration's micro-batches; (loss, regulariser)
-    averaged over micro-batches and data parallel, the same on every rank."""
-    microbatch = iter(range(batches.num_microbatches))
+    averaged over micro-batches and data parallel, the same on every rank. ``state`` is the
+    iteration's sampling state; each forward call samples at its own micro-batch."""
     regs: list[torch.Tensor] = []
 
     def forward_step(data_iterator, model):
-        k = next(microbatch)
-        state.microbatch = k
-        batch = batch_for(dataset, batches, iteration, k, state.dp_rank, device)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        reg = regularizer(model)
+        k, batch = next(data_iterator)
+        with sampling(dataclasses.replace(state, microbatch=k)) as sample:
+            output = model(batch["tokens"], batch["position_ids"], None,
+                           labels=batch["labels"])
+        reg = sample.regularizer()
         if reg is not None:
             regs.append(reg.detach())
             if reg_weight > 0:  # this stage's (and TP shard's) term, on every stage
@@ -67,9 +85,12 @@ def forward_backward(chunk, state, dataset, batches, iteration, seq_length, reg_
 
         return output, loss_func
 
+    data = microbatch_iterators(
+        model, batches.num_microbatches,
+        lambda k: batch_for(dataset, batches, iteration, k, state.dp_rank, device))
     with cuda_literals():
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=None, model=[chunk],
+            forward_step_func=forward_step, data_iterator=data, model=model_chunks(model),
             num_microbatches=batches.num_microbatches, seq_length=seq_length,
             micro_batch_size=batches.micro_batch_size, forward_only=False)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
@@ -109,23 +130,25 @@ def forward_passes(model, dataset, batches, seq_length: int, iterations: int = 1
     returns the LM losses of the micro-batches on the last stage (empty elsewhere)."""
     device = distributed.device()
     losses: list[torch.Tensor] = []
+
+    def forward_step(data_iterator, model):
+        _, batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        mask = batch["loss_mask"].float()
+
+        def loss_func(output_tensor):
+            loss = (output_tensor.float() * mask).sum() / mask.sum()
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return output, loss_func
+
     for it in range(iterations):
-        counter = iter(range(batches.num_microbatches))
-
-        def forward_step(data_iterator, model, it=it, counter=counter):
-            batch = batch_for(dataset, batches, it, next(counter), dp_rank, device)
-            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-            mask = batch["loss_mask"].float()
-
-            def loss_func(output_tensor):
-                loss = (output_tensor.float() * mask).sum() / mask.sum()
-                return loss, {"lm loss": loss.detach().clone()}
-
-            return output, loss_func
-
+        data = microbatch_iterators(
+            model, batches.num_microbatches,
+            lambda k, it=it: batch_for(dataset, batches, it, k, dp_rank, device))
         with torch.no_grad(), cuda_literals():
             result = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=None, model=[model],
+                forward_step_func=forward_step, data_iterator=data, model=model_chunks(model),
                 num_microbatches=batches.num_microbatches, seq_length=seq_length,
                 micro_batch_size=batches.micro_batch_size, forward_only=True)
         losses.extend(d["lm loss"] for d in result or [])
