@@ -97,16 +97,13 @@ def case_logits(mcore, tokens):
 
     from maskllm_megatron.checkpoint.model import load_model
     from maskllm_megatron.distributed import current_layout
+    from maskllm_megatron.model.build import build_model
     from maskllm_megatron.model.config import ModelConfig
-    from maskllm_megatron.model.spec import build_gpt_model
 
     layout = current_layout()
     cfg = ModelConfig.load(mcore)
-    model = build_gpt_model(
-        cfg.transformer_config(layout.tp, layout.pp), cfg.vocab_size, cfg.max_sequence_length,
-        sparse_layers=(), position_embedding_type=cfg.position_embedding_type,
-        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-        rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent, parallel_output=False)
+    model = build_model(cfg, tp=layout.tp, pp=layout.pp, sparse_layers=(),
+                        parallel_output=False)
     load_model(model, mcore)
     model.eval()
     from megatron.core import parallel_state as ps
@@ -115,7 +112,7 @@ def case_logits(mcore, tokens):
         if ps.get_pipeline_model_parallel_world_size() == 1:
             logits = model(tokens, torch.arange(tokens.shape[1])[None], None)
         else:  # send the hidden states through the stages by hand
-            shape = (tokens.shape[1], tokens.shape[0], cfg.transformer["hidden_size"])
+            shape = (tokens.shape[1], tokens.shape[0], cfg.transformer.hidden_size)
             if ps.is_pipeline_first_stage():
                 hidden = model(tokens, torch.arange(tokens.shape[1])[None], None)
                 dist.send(hidden.contiguous(), ps.get_pipeline_model_parallel_next_rank())
@@ -208,7 +205,7 @@ from maskllm_megatron.interop import hf as convert
 from maskllm_megatron.cpu_shims import cpu_shims
 with cpu_shims():
     convert.mcore_to_hf(sys.argv[1], sys.argv[2], max_shard_bytes=20000, progress=False)
-reader = convert._HFReader(Path(sys.argv[2]))
+reader = convert.HFReader(Path(sys.argv[2]))
 want = load_file(sys.argv[3])
 assert len(set(reader.where.values())) > 1, "expected several shards"
 assert sorted(reader.where) == sorted(want)

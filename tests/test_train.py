@@ -111,7 +111,7 @@ from maskllm_megatron.checkpoint.model import save_model
 from maskllm_megatron.cpu_shims import cpu_shims
 from maskllm_megatron.model.layers import attach_sampling, SamplingState, sparse_layers
 from maskllm_megatron.model.config import ModelConfig
-from maskllm_megatron.model.spec import build_model
+from maskllm_megatron.model.build import build_model
 with cpu_shims():
     distributed.init_distributed(1, 1, device="cpu")
     model = build_model(ModelConfig.load(sys.argv[1]))
@@ -224,9 +224,9 @@ def case_save_start(corpus, path):
     """A dense starting checkpoint (the fresh model and its initial logits)."""
     from maskllm_megatron.checkpoint.model import save_model
     from maskllm_megatron.distributed import current_layout
+    from maskllm_megatron.model.build import build_model
     from maskllm_megatron.model.config import ModelConfig
     from maskllm_megatron.model.layers import SamplingState, attach_sampling
-    from maskllm_megatron.model.spec import build_model
 
     layout = current_layout()
     model = build_model(ModelConfig.load(corpus / "model"), tp=layout.tp, pp=layout.pp)

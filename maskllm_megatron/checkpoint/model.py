@@ -19,6 +19,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 
 from maskllm_megatron import distributed
 from maskllm_megatron.core.nm import NMPattern
+from maskllm_megatron.model.build import build_model
 from maskllm_megatron.model.layers import (
     MaskSettings,
     SamplingState,
@@ -26,7 +27,6 @@ from maskllm_megatron.model.layers import (
     set_mask_mode,
     sparse_layers,
 )
-from maskllm_megatron.model.spec import build_model
 
 SIDECAR = "maskllm.json"
 FORMAT_VERSION = 1

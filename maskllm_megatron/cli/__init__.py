@@ -136,7 +136,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             cfg = convert.hf_to_mcore(a.hf, a.out, a.tp, a.pp, a.make_vocab_size_divisible_by,
                                       a.tokenizer, progress=a.progress)
             print(f"wrote {a.out}: megatron-core checkpoint + model_config.json "
-                  f"({cfg.transformer['num_layers']} layers, vocab {cfg.vocab_size} padded)")
+                  f"({cfg.transformer.num_layers} layers, vocab {cfg.vocab_size} padded)")
         else:
             print(f"wrote {convert.mcore_to_hf(a.mcore, a.out, progress=a.progress)}")
 

@@ -279,6 +279,7 @@ def run_prune(args) -> dict:
     from maskllm_megatron.checkpoint.run_dir import model_dir
     from maskllm_megatron.data.datasets import BatchLayout, build_gpt_datasets
     from maskllm_megatron.data.tokenizer import load_tokenizer
+    from maskllm_megatron.model.build import build_model
     from maskllm_megatron.model.config import ModelConfig
     from maskllm_megatron.model.layers import (
         MaskSettings,
@@ -286,7 +287,6 @@ def run_prune(args) -> dict:
         attach_sampling,
         sparse_layers,
     )
-    from maskllm_megatron.model.spec import build_model
     from maskllm_megatron.training.step import forward_passes
 
     method = check_method(args.method)
