@@ -14,7 +14,7 @@ from maskllm_megatron.cpu_shims import cuda_literals
 VOCAB = 300  # not a multiple of 128: padding is exercised
 
 
-def _hf_model(kind: str):
+def hf_model(kind: str):
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, torch_dtype="float32")
@@ -63,7 +63,7 @@ def converted(tmp_path_factory):
     out = {}
     for kind in KINDS:
         hf_dir, mcore, back = root / kind / "hf", root / kind / "mcore", root / kind / "back"
-        _hf_model(kind).save_pretrained(hf_dir)
+        hf_model(kind).save_pretrained(hf_dir)
         out[kind] = (hf_dir, mcore, back)
     hf_dir, mcore, back = out[KINDS[0]]
     _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(mcore), "--tp", "2",
@@ -149,7 +149,7 @@ def test_eval_ppl_on_a_converted_model_equals_transformers_loss(corpus, tmp_path
     from maskllm_megatron.data.tokenizer import load_tokenizer
     from maskllm_megatron.eval.perplexity import windows
 
-    model = _hf_model("llama")
+    model = hf_model("llama")
     model.save_pretrained(tmp_path / "hf")
     spm = corpus / "spm.model"
     _run(["convert", "hf-to-mcore", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m"),
@@ -174,7 +174,7 @@ def test_eval_ppl_on_a_converted_model_equals_transformers_loss(corpus, tmp_path
 
 def test_bad_conversions_are_clear_errors(tmp_path):
     hf_dir = tmp_path / "hf"
-    _hf_model("llama").save_pretrained(hf_dir)
+    hf_model("llama").save_pretrained(hf_dir)
     cfg = json.loads((hf_dir / "config.json").read_text())
 
     proc = _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "a"),

@@ -49,13 +49,13 @@ with cpu_shims():  # maskllm convert, prune --method magnitude, export: one proc
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Per kind: the HF model, and exports of its magnitude-pruned conversion."""
-    from test_convert import _hf_model
+    from test_convert import hf_model
 
     root = tmp_path_factory.mktemp("export")
     out = {}
     for kind in KINDS:
         base = root / kind
-        model = _hf_model(kind)
+        model = hf_model(kind)
         model.save_pretrained(base / "hf")
         _run([str(base)], script=EXPORTS)
         out[kind] = (model, base)
@@ -237,10 +237,10 @@ def test_trim_turns_a_training_run_into_hard_masks(exported, corpus, tmp_path):
     proc = _run(["trim", str(run), "--out", str(tmp_path / "trimmed")])
     assert re.search(r"total .* 50\.0%", proc.stdout)
     assert "dropped" in proc.stdout and "MiB of optimizer state" in proc.stdout
-    from test_train import _plain_tensors
+    from test_train import plain_tensors
 
-    logits = _plain_tensors(run / "iter_0000002" / "model")
-    trimmed = _plain_tensors(tmp_path / "trimmed")
+    logits = plain_tensors(run / "iter_0000002" / "model")
+    trimmed = plain_tensors(tmp_path / "trimmed")
     assert not any(k.endswith("mask_logits") for k in trimmed)
     indices = {k: v for k, v in trimmed.items() if k.endswith("mask_indices")}
     assert len(indices) == 4

@@ -126,7 +126,7 @@ def test_prune_and_eval_ppl_read_the_same_recipe(tmp_path):
     parser = cli.build_parser()
     args = parser.parse_args(["prune", "--config", str(recipe), "--method", "wanda", "--save",
                               "out", "--seq-length", "128"])
-    cli._apply_recipe(args, parser)
+    cli.apply_recipe(args, parser)
     assert args.load == str(Path("~/ckpt").expanduser())
     assert args.tensor_model_parallel_size == 2  # from the recipe
     assert args.seq_length == 128  # the command line wins

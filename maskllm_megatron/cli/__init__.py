@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """prune / eval-ppl: fill unset flags from ``--config`` (trainer recipes use the same
     names), with ``~`` expanded in paths."""
     import os
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("prune", "eval-ppl"):
         if args.config:
-            _apply_recipe(args, parser)
+            apply_recipe(args, parser)
         if not args.load:
             parser.error(f"{args.command}: --load is required (or a --config that sets load)")
     if not getattr(args, "func", None):
