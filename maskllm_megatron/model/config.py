@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -139,7 +139,7 @@ class TransformerFields:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ModelConfigError(f"model config: unknown transformer fields {sorted(unknown)}")
-        missing = [f.name for f in fields(cls)[:3] if f.name not in data]
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
         if missing:
             raise ModelConfigError(f"model config lacks transformer.{missing[0]}")
         return cls(**data)
@@ -147,6 +147,8 @@ class TransformerFields:
 
 @dataclass
 class ModelConfig:
+    """A model as every command reads it: the transformer, then what ``GPTModel`` takes."""
+
     transformer: TransformerFields
     vocab_size: int
     max_sequence_length: int = 2048
@@ -216,7 +218,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         """Version 1 (no ``version`` key) and version 2 layouts alike."""
-        _check_type("model config", data, dict)
+        _check_type("the top level", data, dict)
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ModelConfigError(f"model config: unknown keys {sorted(unknown)}")
