@@ -65,7 +65,8 @@ def run(args, device: torch.device) -> dict:
 
     from maskllm_megatron import distributed
     from maskllm_megatron.cpu_shims import cuda_literals
-    from maskllm_megatron.model.config import ModelConfig
+    from maskllm_megatron.model.build import build_model
+    from maskllm_megatron.model.config import ModelConfig, TransformerFields
     from maskllm_megatron.model.layers import (
         MaskSettings,
         SamplingState,
@@ -74,15 +75,15 @@ def run(args, device: torch.device) -> dict:
         set_mask_mode,
         sparse_layers,
     )
-    from maskllm_megatron.model.spec import build_model
     from maskllm_megatron.training.grads import wrap_model
     from maskllm_megatron.training.optim import ShardedAdamW, state_format
 
     distributed.init_distributed(1, 1, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = ModelConfig(transformer=dict(num_layers=args.layers, hidden_size=args.hidden,
-                                       num_attention_heads=max(1, args.hidden // 64),
-                                       activation="gelu"),
+    cfg = ModelConfig(transformer=TransformerFields(num_layers=args.layers,
+                                                    hidden_size=args.hidden,
+                                                    num_attention_heads=max(1, args.hidden // 64),
+                                                    activation="gelu"),
                       vocab_size=args.vocab, max_sequence_length=args.seq)
     model = build_model(cfg, MaskSettings(), device=device, params_dtype=dtype)
     assign_layer_ids(model, logits_seed=1)

@@ -173,7 +173,7 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
     from maskllm_megatron.deploy.export import export_hf, export_trtllm, trim
     from maskllm_megatron.deploy.validate import validate_trtllm
     from maskllm_megatron.eval.perplexity import evaluate_checkpoint
-    from maskllm_megatron.model.config import ModelConfig
+    from maskllm_megatron.model.config import ModelConfig, TransformerFields
     from maskllm_megatron.pruning.oneshot import prune_checkpoint
     from maskllm_megatron.training.args import TrainArgs
     from maskllm_megatron.training.loop import train
@@ -195,9 +195,10 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
         model = train_tokenizer([corpus / "train.txt"], workdir / "tokenizer" / "spm",
                                 vocab_size=size.vocab)
         stats = preprocess([corpus / "train.jsonl"], model, data, progress=progress)
-        ModelConfig(transformer=dict(num_layers=size.layers, hidden_size=size.hidden,
-                                     num_attention_heads=size.heads, ffn_hidden_size=size.ffn,
-                                     activation="gelu_tanh", add_bias_linear=True),
+        ModelConfig(transformer=TransformerFields(
+                        num_layers=size.layers, hidden_size=size.hidden,
+                        num_attention_heads=size.heads, ffn_hidden_size=size.ffn,
+                        activation="gelu_tanh", add_bias_linear=True),
                     vocab_size=size.vocab, max_sequence_length=size.seq,
                     position_embedding_type="learned_absolute",
                     tokenizer=str(model)).save(model_dir)

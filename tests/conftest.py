@@ -68,7 +68,7 @@ def corpus(tmp_path_factory):
     """Tokenizer, indexed dataset and model config for a 2-layer GPT (seconds to build)."""
     from maskllm_megatron.data.preprocess import preprocess
     from maskllm_megatron.data.tokenizer import train_tokenizer
-    from maskllm_megatron.model.config import ModelConfig
+    from maskllm_megatron.model.config import ModelConfig, TransformerFields
 
     root = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
@@ -81,7 +81,8 @@ def corpus(tmp_path_factory):
                               for _ in range(400)))
     model = train_tokenizer([text], root / "spm", vocab_size=300)
     preprocess([docs], model, root / "data" / "docs", progress=False)
-    ModelConfig(transformer=dict(num_layers=2, hidden_size=64, num_attention_heads=4,
-                                 ffn_hidden_size=128, activation="gelu", add_bias_linear=True),
+    ModelConfig(transformer=TransformerFields(num_layers=2, hidden_size=64,
+                                              num_attention_heads=4, ffn_hidden_size=128,
+                                              activation="gelu", add_bias_linear=True),
                 vocab_size=384, max_sequence_length=32, tokenizer=str(model)).save(root / "model")
     return root

@@ -14,7 +14,7 @@ from maskllm_megatron.cpu_shims import cuda_literals
 VOCAB = 300  # not a multiple of 128: padding is exercised
 
 
-def _hf_model(kind: str):
+def hf_model(kind: str):
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, torch_dtype="float32")
@@ -65,7 +65,7 @@ def converted(tmp_path_factory):
     out = {}
     for kind in KINDS:
         hf_dir, mcore, back = root / kind / "hf", root / kind / "mcore", root / kind / "back"
-        _hf_model(kind).save_pretrained(hf_dir)
+        hf_model(kind).save_pretrained(hf_dir)
         out[kind] = (hf_dir, mcore, back)
     hf_dir, mcore, back = out[KINDS[0]]
     _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(mcore), "--tp", "2",
@@ -99,16 +99,13 @@ def case_logits(mcore, tokens):
 
     from maskllm_megatron.checkpoint.model import load_model
     from maskllm_megatron.distributed import current_layout
+    from maskllm_megatron.model.build import build_model
     from maskllm_megatron.model.config import ModelConfig
-    from maskllm_megatron.model.spec import build_gpt_model
 
     layout = current_layout()
     cfg = ModelConfig.load(mcore)
-    model = build_gpt_model(
-        cfg.transformer_config(layout.tp, layout.pp), cfg.vocab_size, cfg.max_sequence_length,
-        sparse_layers=(), position_embedding_type=cfg.position_embedding_type,
-        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-        rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent, parallel_output=False)
+    model = build_model(cfg, tp=layout.tp, pp=layout.pp, sparse_layers=(),
+                        parallel_output=False)
     load_model(model, mcore)
     model.eval()
     from megatron.core import parallel_state as ps
@@ -117,7 +114,7 @@ def case_logits(mcore, tokens):
         if ps.get_pipeline_model_parallel_world_size() == 1:
             logits = model(tokens, torch.arange(tokens.shape[1])[None], None)
         else:  # send the hidden states through the stages by hand
-            shape = (tokens.shape[1], tokens.shape[0], cfg.transformer["hidden_size"])
+            shape = (tokens.shape[1], tokens.shape[0], cfg.transformer.hidden_size)
             if ps.is_pipeline_first_stage():
                 hidden = model(tokens, torch.arange(tokens.shape[1])[None], None)
                 dist.send(hidden.contiguous(), ps.get_pipeline_model_parallel_next_rank())
@@ -154,7 +151,7 @@ def test_eval_ppl_on_a_converted_model_equals_transformers_loss(corpus, tmp_path
     from maskllm_megatron.data.tokenizer import load_tokenizer
     from maskllm_megatron.eval.perplexity import windows
 
-    model = _hf_model("llama")
+    model = hf_model("llama")
     model.save_pretrained(tmp_path / "hf")
     spm = corpus / "spm.model"
     _run(["convert", "hf-to-mcore", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "m"),
@@ -179,7 +176,7 @@ def test_eval_ppl_on_a_converted_model_equals_transformers_loss(corpus, tmp_path
 
 def test_bad_conversions_are_clear_errors(tmp_path):
     hf_dir = tmp_path / "hf"
-    _hf_model("llama").save_pretrained(hf_dir)
+    hf_model("llama").save_pretrained(hf_dir)
     cfg = json.loads((hf_dir / "config.json").read_text())
 
     proc = _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "a"),
@@ -212,7 +209,7 @@ from maskllm_megatron.cpu_shims import cpu_shims
 with cpu_shims():
     distributed.init_distributed(device="cpu")
     convert.mcore_to_hf(sys.argv[1], sys.argv[2], max_shard_bytes=20000, progress=False)
-reader = convert._HFReader(Path(sys.argv[2]))
+reader = convert.HFReader(Path(sys.argv[2]))
 want = load_file(sys.argv[3])
 assert len(set(reader.where.values())) > 1, "expected several shards"
 assert sorted(reader.where) == sorted(want)

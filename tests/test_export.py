@@ -39,11 +39,11 @@ with cpu_shims():  # maskllm convert, prune --method magnitude, export: one proc
         device="cpu", bf16=False, fp16=False, fp32=False, sequence_parallel=False,
         transformer_impl=None, data_path=[], calib_samples=0, update_weights=False,
         row_parallel_hessian="gather"))
-    loaded = export._load(load)
+    loaded = export.load_for_export(load)
     for tp, pp in ((1, 1), (2, 1), (2, 2)):
-        export.export_trtllm(load, f"{out}/trt-{tp}-{pp}", tp, pp, "float32", _loaded=loaded,
+        export.export_trtllm(load, f"{out}/trt-{tp}-{pp}", tp, pp, "float32", loaded=loaded,
                              progress=False)
-    export.export_trtllm(load, f"{out}/trt-bf16", 2, 1, "bfloat16", _loaded=loaded,
+    export.export_trtllm(load, f"{out}/trt-bf16", 2, 1, "bfloat16", loaded=loaded,
                          progress=False)
     export.export_hf(load, f"{out}/hf", progress=False)  # over the source: converted already
 """
@@ -52,13 +52,13 @@ with cpu_shims():  # maskllm convert, prune --method magnitude, export: one proc
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Per kind: the HF model, and exports of its magnitude-pruned conversion."""
-    from test_convert import _hf_model
+    from test_convert import hf_model
 
     root = tmp_path_factory.mktemp("export")
     out = {}
     for kind in KINDS:
         base = root / kind
-        model = _hf_model(kind)
+        model = hf_model(kind)
         model.save_pretrained(base / "hf")
         _run([str(base)], script=EXPORTS)
         out[kind] = (model, base)
@@ -216,17 +216,18 @@ def test_the_validator_rejects_tampered_checkpoints(exported, tmp_path):
 
 
 def test_layouts_that_break_the_pattern_or_heads_are_refused():
-    from maskllm_megatron.deploy.export import ExportError, _check_layout
-    from maskllm_megatron.model.config import ModelConfig
+    from maskllm_megatron.deploy.export import ExportError, check_layout
+    from maskllm_megatron.model.config import ModelConfig, TransformerFields
 
-    cfg = ModelConfig(transformer=dict(num_layers=2, hidden_size=64, num_attention_heads=4,
-                                       num_query_groups=2, ffn_hidden_size=72),
+    cfg = ModelConfig(transformer=TransformerFields(num_layers=2, hidden_size=64,
+                                                    num_attention_heads=4, num_query_groups=2,
+                                                    ffn_hidden_size=72),
                       vocab_size=128)
-    _check_layout(cfg, 2, 2, P24)
+    check_layout(cfg, 2, 2, P24)
     with pytest.raises(ExportError, match=r"mlp.proj: row-parallel shards of 72 // 4 = 18"):
-        _check_layout(cfg, 4, 1, P24)
+        check_layout(cfg, 4, 1, P24)
     with pytest.raises(ExportError, match="8 heads|4 heads"):
-        _check_layout(cfg, 8, 1, P24)
+        check_layout(cfg, 8, 1, P24)
 
 
 def test_trim_turns_a_training_run_into_hard_masks(exported, corpus, tmp_path):
@@ -239,10 +240,10 @@ def test_trim_turns_a_training_run_into_hard_masks(exported, corpus, tmp_path):
     proc = _run(["trim", str(run), "--out", str(tmp_path / "trimmed")])
     assert re.search(r"total .* 50\.0%", proc.stdout)
     assert "dropped" in proc.stdout and "MiB of optimizer state" in proc.stdout
-    from test_train import _plain_tensors
+    from test_train import plain_tensors
 
-    logits = _plain_tensors(run / "iter_0000002" / "model")
-    trimmed = _plain_tensors(tmp_path / "trimmed")
+    logits = plain_tensors(run / "iter_0000002" / "model")
+    trimmed = plain_tensors(tmp_path / "trimmed")
     assert not any(k.endswith("mask_logits") for k in trimmed)
     indices = {k: v for k, v in trimmed.items() if k.endswith("mask_indices")}
     assert len(indices) == 4

@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from maskllm_megatron.cpu_shims import cuda_literals
 
@@ -13,18 +12,14 @@ SEQ, MBS, VOCAB, MICROBATCHES = 16, 2, 128, 4
 
 
 def _config(glu: bool, query_groups=None, num_layers=2):
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from maskllm_megatron.model.config import ModelConfig, TransformerFields
 
-    extra = dict(gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
+    extra = dict(gated_linear_unit=True, activation="silu", normalization="RMSNorm",
                  num_query_groups=query_groups) if glu else {}
-    return TransformerConfig(
-        num_layers=num_layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
-        pipeline_dtype=torch.float32, use_cpu_initialization=True, hidden_dropout=0.0,
-        attention_dropout=0.0, batch_p2p_comm=False, add_bias_linear=True, **extra)
+    return ModelConfig(TransformerFields(num_layers=num_layers, hidden_size=64,
+                                         num_attention_heads=4, ffn_hidden_size=128,
+                                         add_bias_linear=True, **extra),
+                       vocab_size=VOCAB, max_sequence_length=SEQ)
 
 
 def _build(glu, query_groups=None, pattern=(2, 4), mode="learn", sparse=None, seed=11,
@@ -33,18 +28,21 @@ def _build(glu, query_groups=None, pattern=(2, 4), mode="learn", sparse=None, se
     from megatron.core import parallel_state as ps
 
     from maskllm_megatron.core.nm import NMPattern
+    from maskllm_megatron.model.build import build_model
     from maskllm_megatron.model.layers import MaskSettings, SamplingState, assign_layer_ids
-    from maskllm_megatron.model.spec import SPARSE_LAYER_KINDS, build_gpt_model
+    from maskllm_megatron.model.spec import SPARSE_LAYER_KINDS
 
     torch.manual_seed(0)
-    config = _config(glu, query_groups, num_layers)
+    cfg = _config(glu, query_groups, num_layers)
     settings = MaskSettings(pattern=NMPattern(*pattern), mode=mode)
+    chunks = ps.get_virtual_pipeline_model_parallel_world_size()
 
     def build(vp_stage=None):
-        return build_gpt_model(config, VOCAB, SEQ, settings, vp_stage=vp_stage,
-                               sparse_layers=SPARSE_LAYER_KINDS if sparse is None else sparse)
+        return build_model(cfg, settings, tp=ps.get_tensor_model_parallel_world_size(),
+                           pp=ps.get_pipeline_model_parallel_world_size(), vp_stage=vp_stage,
+                           sparse_layers=SPARSE_LAYER_KINDS if sparse is None else sparse,
+                           virtual_pipeline_model_parallel_size=chunks)
 
-    chunks = ps.get_virtual_pipeline_model_parallel_world_size()
     model = [build(stage) for stage in range(chunks)] if chunks else build()
     assign_layer_ids(model, logits_seed=seed)
     return model, SamplingState(seed=seed, iteration=5, tau=1.0, kappa=100.0)

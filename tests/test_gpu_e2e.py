@@ -49,9 +49,9 @@ def _log(save: Path) -> list[dict]:
 
 
 def _logits(save: Path, iteration: int) -> dict:
-    from test_train import _plain_tensors
+    from test_train import plain_tensors
 
-    tensors = _plain_tensors(save / f"iter_{iteration:07d}" / "model")
+    tensors = plain_tensors(save / f"iter_{iteration:07d}" / "model")
     return {k: v for k, v in tensors.items() if k.endswith("mask_logits")}
 
 

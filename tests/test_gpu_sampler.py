@@ -102,13 +102,13 @@ def run(backend, weight, logits, grad_out, pattern, *, hard, wgrad, main_grad=No
 
 if triton_kernel.triton is not None:
     triton, tl = triton_kernel.triton, triton_kernel.tl
-    _noise_bits = triton_kernel._noise_bits
+    noise_bits_block = triton_kernel.noise_bits_block
 
     @triton.jit(do_not_specialize=["key"])
     def _dump_noise(q_ptr, out_ptr, key: tl.int64, BLOCK: tl.constexpr, CP: tl.constexpr,
                     NB: tl.constexpr):
         g = tl.arange(0, BLOCK)
-        bits = _noise_bits(key, tl.load(q_ptr + g), BLOCK, CP, NB)
+        bits = noise_bits_block(key, tl.load(q_ptr + g), BLOCK, CP, NB)
         tl.store(out_ptr + g[:, None] * CP + tl.arange(0, CP)[None, :], bits.to(tl.int64))
 
 
@@ -207,7 +207,7 @@ def shifted(shape, dtype, offset, gen):
 def test_one_compiled_variant_per_configuration_at_run_time(pattern, dtype):
     device = torch.cuda.current_device()
     caches = [kernel.device_caches[device][0]
-              for kernel in (triton_kernel._forward_kernel, triton_kernel._backward_kernel)]
+              for kernel in (triton_kernel.forward_kernel, triton_kernel.backward_kernel)]
     expected = {triton_aot.variant_key(*triton_aot.launch(call)) for call in (
         triton_aot.Call("forward", str(pattern), dtype, False),
         triton_aot.Call("backward", str(pattern), dtype, False, False, "bf16"))}

@@ -23,6 +23,21 @@ def test_candidate_table_is_lexicographic_enumeration(n, m, count):
     assert table.tolist() == [list(v) for v in vectors]
 
 
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 6, 8])
+def test_candidate_table_holds_every_m_bit_mask_with_n_ones_once(m):
+    """Against the masks found by counting set bits of every M-bit integer: nothing missing,
+    nothing extra, no duplicates; and the lookup from a group's bits finds each row's index."""
+    for n in range(1, m):
+        pattern = NMPattern(n, m)
+        expected = {code for code in range(1 << m) if bin(code).count("1") == n}
+        rows = [sum(bit << k for k, bit in enumerate(row))
+                for row in pattern.candidates(torch.int64).tolist()]
+        assert len(rows) == len(set(rows)) == pattern.num_candidates
+        assert set(rows) == expected, (n, m)
+        masks = torch.tensor([[(code >> k) & 1 for k in range(m)] for code in rows]).bool()
+        assert nm.mask_to_indices(masks, pattern).flatten().tolist() == list(range(len(rows)))
+
+
 def test_2_4_table_matches_the_original_hand_written_order():
     assert NMPattern(2, 4).candidates(torch.int64).tolist() == [
         [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]]

@@ -92,13 +92,13 @@ def test_shard_global_indices():
 
 if triton_kernel.triton is not None:
     triton, tl = triton_kernel.triton, triton_kernel.tl
-    _noise_bits = triton_kernel._noise_bits
+    noise_bits_block = triton_kernel.noise_bits_block
 
     @triton.jit
     def dump(q_ptr, out_ptr, key, BLOCK: tl.constexpr, CP: tl.constexpr, NB: tl.constexpr):
         g = tl.arange(0, BLOCK)
         q = tl.load(q_ptr + g)
-        bits = _noise_bits(key, q, BLOCK, CP, NB)
+        bits = noise_bits_block(key, q, BLOCK, CP, NB)
         cols = tl.arange(0, CP)
         tl.store(out_ptr + g[:, None] * CP + cols[None, :], bits.to(tl.int64))
 

@@ -57,10 +57,10 @@ def test_one_shot_baselines_order_and_feed_training(corpus, trained, tmp_path):
           "--global-batch-size", "2", "--seq-length", "32", "--train-iters", "1", "--lr", "1e-9",
           "--load", str(trained / "dense"), "--prior", str(tmp_path / "wanda" / "masks"),
           "--save", str(run), "--no-progress"])
-    from test_train import _plain_tensors
+    from test_train import plain_tensors
 
-    learned = _plain_tensors(run / "iter_0000001" / "model")
-    prior = _plain_tensors(tmp_path / "wanda" / "masks")
+    learned = plain_tensors(run / "iter_0000001" / "model")
+    prior = plain_tensors(tmp_path / "wanda" / "masks")
     for key, indices in prior.items():
         logits = learned[key.replace("mask_indices", "mask_logits")]
         agree = (logits.argmax(-1) == indices.long()).float().mean()

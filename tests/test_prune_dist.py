@@ -15,20 +15,18 @@ TRUE_VOCAB = 100  # rows 100..127 play a converted model's vocabulary padding
 
 def _build(mode="fixed", sequence_parallel=False):
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from maskllm_megatron.model.build import build_model
+    from maskllm_megatron.model.config import ModelConfig, TransformerFields
     from maskllm_megatron.model.layers import MaskSettings, assign_layer_ids
-    from maskllm_megatron.model.spec import build_gpt_model
 
-    config = TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        pipeline_dtype=torch.float32, use_cpu_initialization=True, hidden_dropout=0.0,
-        attention_dropout=0.0, batch_p2p_comm=False, add_bias_linear=True,
-        sequence_parallel=sequence_parallel)
+    cfg = ModelConfig(TransformerFields(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                        ffn_hidden_size=128, add_bias_linear=True),
+                      vocab_size=VOCAB, max_sequence_length=SEQ)
     torch.manual_seed(0)
-    model = build_gpt_model(config, VOCAB, SEQ, MaskSettings(mode=mode))
+    model = build_model(cfg, MaskSettings(mode=mode), tp=ps.get_tensor_model_parallel_world_size(),
+                        pp=ps.get_pipeline_model_parallel_world_size(),
+                        sequence_parallel=sequence_parallel)
     assign_layer_ids(model)
     return model
 

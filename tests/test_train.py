@@ -53,7 +53,8 @@ def _log(save) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def _plain_tensors(path) -> dict:
+def plain_tensors(path) -> dict:
+    """Every tensor of a dist checkpoint, whole (shared with the other test modules)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -64,7 +65,7 @@ def _plain_tensors(path) -> dict:
 
 
 def _final_logits(save, iteration):
-    tensors = _plain_tensors(Path(save) / f"iter_{iteration:07d}" / "model")
+    tensors = plain_tensors(Path(save) / f"iter_{iteration:07d}" / "model")
     logits = {k: v for k, v in tensors.items() if k.endswith("mask_logits")}
     assert len(logits) == 4
     return logits
@@ -118,7 +119,7 @@ from maskllm_megatron.checkpoint.model import save_model
 from maskllm_megatron.cpu_shims import cpu_shims
 from maskllm_megatron.model.layers import assign_layer_ids, sparse_layers
 from maskllm_megatron.model.config import ModelConfig
-from maskllm_megatron.model.spec import build_model
+from maskllm_megatron.model.build import build_model
 with cpu_shims():
     distributed.init_distributed(1, 1, device="cpu")
     model = build_model(ModelConfig.load(sys.argv[1]))
@@ -194,7 +195,7 @@ def test_train_weights_with_masks_off_is_dense_pretraining(corpus, tmp_path, tp=
     extra = ["--load", str(start), "--train-weights", "--dense", "--lr", "1e-3",
              "--eval-interval", "3", "--eval-iters", "2"]
     _run(_command(corpus, save, tp=tp, iters=3, extra=extra))
-    before, after = _plain_tensors(start), _plain_tensors(save / "iter_0000003" / "model")
+    before, after = plain_tensors(start), plain_tensors(save / "iter_0000003" / "model")
     weights = [k for k in before if k.endswith("linear_fc1.weight")]
     assert weights and not torch.equal(before[weights[0]], after[weights[0]])
     for key in (k for k in before if k.endswith("mask_logits")):
@@ -228,9 +229,9 @@ def case_save_start(corpus, path):
     """A dense starting checkpoint (the fresh model and its initial logits)."""
     from maskllm_megatron.checkpoint.model import save_model
     from maskllm_megatron.distributed import current_layout
+    from maskllm_megatron.model.build import build_model
     from maskllm_megatron.model.config import ModelConfig
     from maskllm_megatron.model.layers import assign_layer_ids
-    from maskllm_megatron.model.spec import build_model
 
     layout = current_layout()
     model = build_model(ModelConfig.load(corpus / "model"), tp=layout.tp, pp=layout.pp)
@@ -254,7 +255,7 @@ def test_pipeline_parallel_counts_every_stage_and_runs_at_the_scheduled_lr(dist4
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["reg"] == pytest.approx(a["reg"], rel=1e-5)  # both stages' layers
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    before, after = _plain_tensors(start), _final_logits(tmp_path / "pp1", 1)
+    before, after = plain_tensors(start), _final_logits(tmp_path / "pp1", 1)
     for key, value in after.items():
         assert float((value - before[key]).abs().max()) == pytest.approx(1e-3, rel=1e-3), key
 
@@ -290,7 +291,7 @@ def test_bf16_weights_train_and_their_checkpoint_exports_in_fp32(dist4, corpus, 
 
     save = tmp_path / "run"
     dist4.run(case_train, corpus, save, 1, {"bf16": True}, tp=4)
-    tensors = _plain_tensors(save / "iter_0000001" / "model")
+    tensors = plain_tensors(save / "iter_0000001" / "model")
     fc1 = next(k for k in tensors if k.endswith("linear_fc1.weight"))
     assert tensors[fc1].dtype == torch.bfloat16
     assert all(v.dtype == torch.float32 for k, v in tensors.items() if k.endswith("logits"))

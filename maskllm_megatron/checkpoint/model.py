@@ -27,13 +27,13 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 
 from maskllm_megatron import distributed
 from maskllm_megatron.core.nm import NMPattern
+from maskllm_megatron.model.build import build_model
 from maskllm_megatron.model.layers import (
     MaskSettings,
     assign_layer_ids,
     set_mask_mode,
     sparse_layers,
 )
-from maskllm_megatron.model.spec import build_model
 
 SIDECAR = "maskllm.json"
 FORMAT_VERSION = 1

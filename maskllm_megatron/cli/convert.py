@@ -44,7 +44,7 @@ def _convert(args: argparse.Namespace) -> None:
                                   args.make_vocab_size_divisible_by, args.tokenizer,
                                   progress=args.progress)
         print(f"wrote {args.out}: megatron-core checkpoint + model_config.json "
-              f"({cfg.transformer['num_layers']} layers, vocab {cfg.vocab_size} padded)")
+              f"({cfg.transformer.num_layers} layers, vocab {cfg.vocab_size} padded)")
     else:
         print(f"wrote {convert.mcore_to_hf(args.mcore, args.out, progress=args.progress)}")
 

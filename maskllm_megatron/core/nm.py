@@ -56,10 +56,6 @@ class NMPattern:
     def num_candidates(self) -> int:
         return math.comb(self.m, self.n)
 
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.n / self.m
-
     def candidates(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
         """``[C, M]`` 0/1 table, row ``c`` is candidate ``c`` (lexicographic by kept positions).
 

@@ -41,9 +41,10 @@ def _finish_dir(tmp: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def _load(load: str | Path, n: int = 2, m: int = 4):
-    """(model at TP=1 x PP=1 with its masks applied, ModelConfig, mask mode, pattern, the
-    directory holding model_config.json, the model checkpoint directory)."""
+def load_for_export(load: str | Path, n: int = 2, m: int = 4):
+    """Load a checkpoint once for every exporter: (model at TP=1 x PP=1 with its masks
+    applied, ModelConfig, mask mode, pattern, the directory holding model_config.json, the
+    model checkpoint directory)."""
     from maskllm_megatron.checkpoint.model import load_sparse_model
     from maskllm_megatron.checkpoint.run_dir import model_dir
 
@@ -102,7 +103,7 @@ def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> TrimRepor
     from maskllm_megatron.model.config import copy_model_files
     from maskllm_megatron.model.layers import fix_masks, sparse_layers
 
-    model, cfg, mode, pattern, config_dir, source = _load(load, n, m)
+    model, cfg, mode, pattern, config_dir, source = load_for_export(load, n, m)
     if mode == "dense":
         raise ExportError(f"{load} holds no masks (a dense checkpoint): nothing to trim")
     logits_bytes = sum(layer.mask_logits.numel() * 4 for _, layer in sparse_layers(model)
@@ -137,12 +138,12 @@ def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> TrimRepor
 
 def _trt_kind(cfg: ModelConfig) -> str:
     t = cfg.transformer
-    if t.get("gated_linear_unit"):
-        if t.get("activation") != "silu":
-            raise ExportError(f"gated MLP with {t.get('activation')}: only SwiGLU (LLaMA) is "
+    if t.gated_linear_unit:
+        if t.activation != "silu":
+            raise ExportError(f"gated MLP with {t.activation}: only SwiGLU (LLaMA) is "
                               "exported")
         return "llama"
-    if t.get("layernorm_zero_centered_gamma") or t.get("activation") == "squared_relu":
+    if t.layernorm_zero_centered_gamma or t.activation == "squared_relu":
         return "nemotron"
     return "gpt"
 
@@ -152,15 +153,13 @@ def trtllm_config(cfg: ModelConfig, tp: int, pp: int, dtype: str, pattern: NMPat
     minimal ``mapping`` and ``quantization`` dicts the reference asks for."""
     t = cfg.transformer
     kind = _trt_kind(cfg)
-    h, nh = t["hidden_size"], t["num_attention_heads"]
-    head = t.get("kv_channels") or h // nh
+    h, nh, head = t.hidden_size, t.num_attention_heads, t.kv_channels
     common = {
         "dtype": dtype, "logits_dtype": "float32",
         "vocab_size": cfg.true_vocab_size or cfg.vocab_size, "hidden_size": h,
-        "num_hidden_layers": t["num_layers"], "num_attention_heads": nh,
-        "num_key_value_heads": t.get("num_query_groups") or nh, "head_size": head,
-        "intermediate_size": t.get("ffn_hidden_size") or 4 * h,
-        "norm_epsilon": t.get("layernorm_epsilon", 1e-5),
+        "num_hidden_layers": t.num_layers, "num_attention_heads": nh,
+        "num_key_value_heads": t.num_query_groups, "head_size": head,
+        "intermediate_size": t.ffn_hidden_size, "norm_epsilon": t.layernorm_epsilon,
         "max_position_embeddings": cfg.max_sequence_length,
         "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
@@ -170,28 +169,27 @@ def trtllm_config(cfg: ModelConfig, tp: int, pp: int, dtype: str, pattern: NMPat
     if kind == "llama":
         return {"architecture": "LlamaForCausalLM", **common, "hidden_act": "silu",
                 "position_embedding_type": "rope_gpt_neox", "rotary_base": cfg.rotary_base,
-                "rotary_scaling": None, "mlp_bias": bool(t.get("add_bias_linear")),
-                "attn_bias": bool(t.get("add_bias_linear"))}
+                "rotary_scaling": None, "mlp_bias": t.add_bias_linear,
+                "attn_bias": t.add_bias_linear}
     rope = cfg.position_embedding_type == "rope"
-    act = {"squared_relu": "squared-relu", "relu": "relu"}.get(t.get("activation"), "gelu")
+    act = {"squared_relu": "squared-relu", "relu": "relu"}.get(t.activation, "gelu")
     return {"architecture": "GPTForCausalLM", **common, "hidden_act": act,
             "position_embedding_type": "rope_gpt_neox" if rope else "learned_absolute",
             "rotary_embedding_dim": int(head * cfg.rotary_percent) if rope else head,
             "rotary_pct": cfg.rotary_percent if rope else 1.0,
             "rotary_base": cfg.rotary_base, "rotary_scaling": None, "qk_layernorm": False,
             "gpt_variant": "nemotron" if kind == "nemotron" else "gpt2",
-            "bias": bool(t.get("add_bias_linear", True)), "q_scaling": 1.0,
+            "bias": t.add_bias_linear, "q_scaling": 1.0,
             "embedding_scale": None, "apply_query_key_layer_scaling": False,
             "inner_layernorm": False, "norm_before_bmm1": False,
             "moe": {"num_experts": 0, "top_k": 0, "normalization_mode": 1}}
 
 
-def _check_layout(cfg: ModelConfig, tp: int, pp: int, pattern: NMPattern) -> None:
+def check_layout(cfg: ModelConfig, tp: int, pp: int, pattern: NMPattern) -> None:
+    """Refuse a TensorRT-LLM layout that splits heads, layers or N:M groups unevenly, before
+    any rank is written."""
     t = cfg.transformer
-    nh = t["num_attention_heads"]
-    nkv = t.get("num_query_groups") or nh
-    f = t.get("ffn_hidden_size") or 4 * t["hidden_size"]
-    head = t.get("kv_channels") or t["hidden_size"] // nh
+    nh, nkv, f, head = t.num_attention_heads, t.num_query_groups, t.ffn_hidden_size, t.kv_channels
     problems = []
     if nh % tp:
         problems.append(f"{nh} heads")
@@ -199,8 +197,8 @@ def _check_layout(cfg: ModelConfig, tp: int, pp: int, pattern: NMPattern) -> Non
         problems.append(f"{nkv} key-value heads (TP must divide them or be a multiple)")
     if f % tp:
         problems.append(f"intermediate size {f}")
-    if t["num_layers"] % pp:
-        problems.append(f"{t['num_layers']} layers (PP)")
+    if t.num_layers % pp:
+        problems.append(f"{t.num_layers} layers (PP)")
     for what, k in (("attention.dense", nh * head), ("mlp.proj", f)):
         if (k // tp) % pattern.m:
             problems.append(f"{what}: row-parallel shards of {k} // {tp} = {k // tp} input "
@@ -211,16 +209,14 @@ def _check_layout(cfg: ModelConfig, tp: int, pp: int, pattern: NMPattern) -> Non
 
 def _rank_tensors(state: dict, cfg: ModelConfig, tp: int, pp: int, tp_rank: int,
                   pp_rank: int) -> dict[str, torch.Tensor]:
-    from maskllm_megatron.interop.hf import _qkv_from_mcore
+    from maskllm_megatron.interop.hf import qkv_from_mcore
 
     t = cfg.transformer
     kind = _trt_kind(cfg)
-    h, nh = t["hidden_size"], t["num_attention_heads"]
-    nkv = t.get("num_query_groups") or nh
-    d = t.get("kv_channels") or h // nh
+    h, nh, nkv, d = t.hidden_size, t.num_attention_heads, t.num_query_groups, t.kv_channels
     vocab = cfg.true_vocab_size or cfg.vocab_size
-    zero_centered = bool(t.get("layernorm_zero_centered_gamma"))
-    rms = t.get("normalization") == "RMSNorm"
+    zero_centered = t.layernorm_zero_centered_gamma
+    rms = t.normalization == "RMSNorm"
     out: dict[str, torch.Tensor] = {}
 
     def col(x):  # column parallel: split rows
@@ -247,7 +243,7 @@ def _rank_tensors(state: dict, cfg: ModelConfig, tp: int, pp: int, tp_rank: int,
         if cfg.position_embedding_type == "learned_absolute":
             out["transformer.position_embedding.weight"] = state[
                 "embedding.position_embeddings.weight"]
-    per_stage = t["num_layers"] // pp
+    per_stage = t.num_layers // pp
     for j in range(per_stage):
         m = f"decoder.layers.{pp_rank * per_stage + j}."
         p = f"transformer.layers.{j}."
@@ -257,7 +253,7 @@ def _rank_tensors(state: dict, cfg: ModelConfig, tp: int, pp: int, tp_rank: int,
             key = m + f"self_attention.linear_qkv.{suffix}"
             if key not in state:
                 continue
-            q, k, v = _qkv_from_mcore(state[key], nkv, nh * d, nkv * d)
+            q, k, v = qkv_from_mcore(state[key], nkv, nh * d, nkv * d)
             out[p + f"attention.qkv.{suffix}"] = torch.cat([col(q), kv_split(k), kv_split(v)])
         out[p + "attention.dense.weight"] = row(state[m + "self_attention.linear_proj.weight"])
         fc1 = state[m + "mlp.linear_fc1.weight"]
@@ -289,15 +285,16 @@ def _rank_tensors(state: dict, cfg: ModelConfig, tp: int, pp: int, tp_rank: int,
 @torch.no_grad()
 def export_trtllm(load: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
                   dtype: str = "bfloat16", n: int = 2, m: int = 4, progress: bool = True,
-                  _loaded=None) -> Path:
+                  loaded: tuple | None = None) -> Path:
     """Write ``config.json`` and ``rank{i}.safetensors`` (rank = pp_rank * tp + tp_rank), then
-    validate them. Refuses any GEMM weight that is not N:M on some rank."""
+    validate them. Refuses any GEMM weight that is not N:M on some rank. ``loaded``: a
+    :func:`load_for_export` result to reuse (several layouts from one load)."""
 
 
     if dtype not in TRT_DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(TRT_DTYPES)}")
-    model, cfg, mode, pattern, _, _ = _loaded or _load(load, n, m)
-    _check_layout(cfg, tp, pp, pattern)
+    model, cfg, mode, pattern, _, _ = loaded or load_for_export(load, n, m)
+    check_layout(cfg, tp, pp, pattern)
     if mode == "dense":
         raise ExportError(f"{load} holds no masks: its weights are not {pattern} sparse "
                           "(prune or learn masks first)")
@@ -348,9 +345,9 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     the pattern, and ``nm_masks.safetensors``: each sparse weight's mask packed at
     :func:`nm.bits_per_weight` bits per weight (0.667 for 2:4)."""
 
-    from maskllm_megatron.interop.hf import HF_CONFIG, _Mapping, architecture
+    from maskllm_megatron.interop.hf import HF_CONFIG, TensorMapping, architecture
 
-    model, cfg, mode, pattern, config_dir, _ = _load(load, n, m)
+    model, cfg, mode, pattern, config_dir, _ = load_for_export(load, n, m)
     if mode == "dense":
         raise ExportError(f"{load} holds no masks (a dense checkpoint)")
     if (config_dir / HF_CONFIG).exists():
@@ -365,7 +362,7 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     masks = dict(state)
     for name, layer in sparse_layers(model):
         masks[f"{name}.weight"] = (layer.masked_weight(torch.ones_like(layer.weight)) != 0)
-    mapping = _Mapping(architecture(hf), hf, cfg)
+    mapping = TensorMapping(architecture(hf), hf, cfg)
     return distributed.on_rank0(lambda: _write_hf_export(
         state, masks, mapping, hf, pattern, config_dir, Path(out), progress))
 

@@ -8,6 +8,10 @@ style and Nemotron) and ``LlamaForCausalLM``, dtypes, replicated tensors identic
 ranks, padded vocabulary rows zero, and at most N non-zeros in every aligned group of M along
 the input (last) axis of every GEMM weight. :func:`validate_trtllm` returns the violations and
 the warnings; ``maskllm validate trtllm DIR`` exits non-zero when there are violations.
+
+Each rule is one ``check_*`` function that returns its findings (a list of violations, or a
+:class:`Report` where a rule also warns or measures); :func:`validate_trtllm` runs them in the
+order of the reference's section 6, stopping where later rules would only repeat an error.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ ARCHITECTURES = ("GPTForCausalLM", "NemotronForCausalLM", "LlamaForCausalLM")
 DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 POSITION_TYPES = ("learned_absolute", "rope_gptj", "rope_gpt_neox", "long_rope", "alibi",
                   "alibi_with_scale", "relative", "chatglm", "yarn", "mrope", "deferred")
-GATED_ACTS = ("swiglu", "geglu", "silu")  # silu means gated for LLaMA (GatedMLP)
 GPT_ACTS = ("gelu", "relu", "squared-relu", "gelu_new", "gelu_pytorch_tanh", "swiglu", "geglu")
 MINIMAL = {"mapping": {"world_size", "tp_size", "pp_size"},
            "quantization": {"quant_algo", "kv_cache_quant_algo", "exclude_modules"},
@@ -43,6 +46,15 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.violations
+
+    def add(self, findings: Report | list[str]) -> None:
+        """Append a check's findings: a Report, or a plain list of violations."""
+        if isinstance(findings, Report):
+            self.violations += findings.violations
+            self.warnings += findings.warnings
+            self.density.update(findings.density)
+        else:
+            self.violations += findings
 
 
 class SafetensorsFile:
@@ -150,137 +162,215 @@ def _replicated(name: str) -> bool:
                         "transformer.position_embedding.weight"))
 
 
-def validate_trtllm(directory: str | Path, n: int = 2, m: int = 4) -> Report:
-    """Every check of the reference's section 6 that needs no GPU."""
-    directory = Path(directory)
-    report = Report()
-    bad = report.violations.append
-    try:
-        cfg = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        bad(f"config.json: {err}")
-        return report
-    # 2. values
+# ----------------------------------------------------------------------------- config.json
+
+
+def check_architecture_and_dtype(cfg: dict) -> list[str]:
+    """The two values every later rule depends on; the first one wrong is reported alone."""
     if cfg.get("architecture") not in ARCHITECTURES:
-        bad(f"architecture {cfg.get('architecture')!r} not in {ARCHITECTURES}")
-        return report
-    dtype = cfg.get("dtype")
-    if dtype not in DTYPES:
-        bad(f"dtype {dtype!r} not in {tuple(DTYPES)}")
-        return report
+        return [f"architecture {cfg.get('architecture')!r} not in {ARCHITECTURES}"]
+    if cfg.get("dtype") not in DTYPES:
+        return [f"dtype {cfg.get('dtype')!r} not in {tuple(DTYPES)}"]
+    return []
+
+
+def check_config_values(cfg: dict) -> list[str]:
+    """Enum values TensorRT-LLM parses: position embedding type, activation."""
+    out = []
     if cfg.get("position_embedding_type", "learned_absolute") not in POSITION_TYPES:
-        bad(f"position_embedding_type {cfg.get('position_embedding_type')!r} is not a "
-            "TensorRT-LLM enum name")
+        out.append(f"position_embedding_type {cfg.get('position_embedding_type')!r} is not a "
+                   "TensorRT-LLM enum name")
     llama = cfg["architecture"] == "LlamaForCausalLM"
     act = cfg.get("hidden_act", "gelu")
     if llama and act != "silu":
-        bad(f"hidden_act {act!r}: LlamaForCausalLM uses silu (gated)")
+        out.append(f"hidden_act {act!r}: LlamaForCausalLM uses silu (gated)")
     if not llama and act not in GPT_ACTS:
-        bad(f"hidden_act {act!r} is not one GPTForCausalLM knows")
-    # 3. consistency
+        out.append(f"hidden_act {act!r} is not one GPTForCausalLM knows")
+    return out
+
+
+def check_config_fields(cfg: dict) -> list[str]:
+    """The nested dicts hold only keys TensorRT-LLM's constructors accept."""
+    out = []
     for key, allowed in MINIMAL.items():
         extra = set(cfg.get(key) or {}) - allowed
         if extra:
-            bad(f"{key} has keys {sorted(extra)} beyond {sorted(allowed)} (TensorRT-LLM "
-                "raises TypeError on unknown keys)")
+            out.append(f"{key} has keys {sorted(extra)} beyond {sorted(allowed)} (TensorRT-LLM "
+                       "raises TypeError on unknown keys)")
+    return out
+
+
+def parallel_sizes(cfg: dict) -> tuple[int, int]:
+    """``(tp, pp)`` from ``mapping`` (1 where absent)."""
     mapping = cfg.get("mapping") or {}
-    tp, pp = mapping.get("tp_size", 1), mapping.get("pp_size", 1)
-    if mapping.get("world_size", tp * pp) != tp * pp:
-        bad(f"mapping.world_size {mapping.get('world_size')} != tp_size x pp_size {tp * pp}")
-    cfg["mapping"] = {"tp_size": tp, "pp_size": pp, "world_size": tp * pp}
-    nh, nkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg[
-        "num_attention_heads"]
+    return mapping.get("tp_size", 1), mapping.get("pp_size", 1)
+
+
+def check_world_size(cfg: dict) -> list[str]:
+    tp, pp = parallel_sizes(cfg)
+    world = (cfg.get("mapping") or {}).get("world_size", tp * pp)
+    return [] if world == tp * pp else [f"mapping.world_size {world} != tp_size x pp_size "
+                                        f"{tp * pp}"]
+
+
+def check_layout_divides(cfg: dict) -> list[str]:
+    """TP divides heads and the intermediate size (KV heads: or is a multiple), PP layers."""
+    tp, pp = parallel_sizes(cfg)
+    nh = cfg["num_attention_heads"]
+    nkv = cfg.get("num_key_value_heads") or nh
     layers, f = cfg["num_hidden_layers"], cfg.get("intermediate_size") or 4 * cfg["hidden_size"]
-    for ok, what in ((nh % tp == 0, f"heads {nh} % tp {tp}"), (nh % nkv == 0, f"heads {nh} % "
-                     f"kv heads {nkv}"), (nkv % tp == 0 or tp % nkv == 0,
-                                          f"kv heads {nkv} vs tp {tp}"),
-                     (layers % pp == 0, f"layers {layers} % pp {pp}"),
-                     (f % tp == 0, f"intermediate {f} % tp {tp}")):
-        if not ok:
-            bad(f"{what} does not divide")
+    rules = ((nh % tp == 0, f"heads {nh} % tp {tp}"),
+             (nh % nkv == 0, f"heads {nh} % kv heads {nkv}"),
+             (nkv % tp == 0 or tp % nkv == 0, f"kv heads {nkv} vs tp {tp}"),
+             (layers % pp == 0, f"layers {layers} % pp {pp}"),
+             (f % tp == 0, f"intermediate {f} % tp {tp}"))
+    return [f"{what} does not divide" for ok, what in rules if not ok]
+
+
+def check_embedding_sharding(cfg: dict) -> list[str]:
     if cfg.get("use_parallel_embedding") and cfg.get("embedding_sharding_dim", 0) not in (0, 1):
-        bad("embedding_sharding_dim must be 0 or 1")
-    head = cfg.get("head_size") or cfg["hidden_size"] // nh
-    if "rotary_embedding_dim" in cfg and \
-            cfg["rotary_embedding_dim"] != int(head * cfg.get("rotary_pct", 1.0)):
-        bad(f"rotary_embedding_dim {cfg['rotary_embedding_dim']} != int(head_size x "
-            f"rotary_pct) = {int(head * cfg.get('rotary_pct', 1.0))}")
-    if report.violations:
-        return report
-    # 1. files
-    world = tp * pp
+        return ["embedding_sharding_dim must be 0 or 1"]
+    return []
+
+
+def check_rotary_dim(cfg: dict) -> list[str]:
+    """``rotary_embedding_dim`` agrees with head size x ``rotary_pct``."""
+    head = cfg.get("head_size") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    wanted = int(head * cfg.get("rotary_pct", 1.0))
+    if "rotary_embedding_dim" in cfg and cfg["rotary_embedding_dim"] != wanted:
+        return [f"rotary_embedding_dim {cfg['rotary_embedding_dim']} != int(head_size x "
+                f"rotary_pct) = {wanted}"]
+    return []
+
+
+# ----------------------------------------------------------------------------- rank files
+
+
+def check_rank_files_present(directory: Path, world: int) -> list[str]:
+    """Exactly ``rank0 .. rank{world-1}.safetensors``."""
     found = sorted(p.name for p in directory.glob("rank*.safetensors"))
     wanted = [f"rank{i}.safetensors" for i in range(world)]
-    if found != wanted:
-        bad(f"rank files {found} != {wanted}")
-        return report
+    return [] if found == wanted else [f"rank files {found} != {wanted}"]
+
+
+def read_rank_files(directory: Path, world: int) -> tuple[dict[int, SafetensorsFile], list[str]]:
+    """Every rank file parsed, and the violations of those whose header or offsets are bad."""
     files: dict[int, SafetensorsFile] = {}
+    bad = []
     for i in range(world):
         try:
             files[i] = SafetensorsFile(directory / f"rank{i}.safetensors")
         except (ValueError, json.JSONDecodeError) as err:
-            bad(str(err))
-    if report.violations:
-        return report
-    st_dtype = DTYPES[dtype]
+            bad.append(str(err))
+    return files, bad
+
+
+def check_tensor_names(where: str, expected: dict, names: set[str]) -> list[str]:
+    return ([f"{where}: missing tensor {name}" for name in sorted(set(expected) - names)]
+            + [f"{where}: unexpected tensor {name}" for name in sorted(names - set(expected))])
+
+
+def check_tensor_shape(where: str, name: str, info: dict, expected: tuple[int, ...]) -> list[str]:
+    if tuple(info["shape"]) != expected:
+        return [f"{where}: {name} has shape {info['shape']}, expected {list(expected)}"]
+    return []
+
+
+def check_tensor_dtype(where: str, name: str, info: dict, dtype: str) -> list[str]:
+    """Every tensor in the config's dtype."""
+    if info["dtype"] != DTYPES[dtype]:
+        return [f"{where}: {name} is {info['dtype']}, config dtype is {dtype} ({DTYPES[dtype]})"]
+    return []
+
+
+def check_tensor_dims(where: str, name: str, info: dict) -> list[str]:
+    if len(info["shape"]) not in (1, 2):
+        return [f"{where}: {name} is {len(info['shape'])}-D"]
+    return []
+
+
+def check_nm_pattern(where: str, name: str, nonzero: np.ndarray, n: int, m: int) -> Report:
+    """At most N non-zeros in every aligned group of M along the input axis; all-zero rows
+    are a warning (legal, but a sign of a broken mask)."""
+    rows, k = nonzero.shape
+    if k % m:
+        return Report([f"{where}: {name} input dim {k} is not a multiple of {m}"])
+    report = Report()
+    counts = nonzero.reshape(rows, k // m, m).sum(-1)
+    if (counts > n).any():
+        r, g = np.argwhere(counts > n)[0]
+        report.violations.append(f"{where}: {name} is not {n}:{m}: row {r}, columns "
+                                 f"{g * m}..{g * m + m - 1} hold {counts[r, g]} non-zeros "
+                                 f"({int((counts > n).sum())} such groups)")
+    if (counts == 0).all(-1).any():
+        report.warnings.append(f"{where}: {name} has all-zero rows")
+    return report
+
+
+def check_alignment(where: str, name: str, shape: tuple[int, int]) -> list[str]:
+    """Warnings: sparse GEMM shapes ModelOpt/ASP do not handle."""
+    rows, k = shape
+    if k % 16 or rows % 8:
+        return [f"{where}: {name} [{rows}, {k}] is not aligned to N % 8, K % 16 (ModelOpt/ASP "
+                "limits)"]
+    return []
+
+
+def check_padded_vocab_rows(where: str, name: str, bits: np.ndarray, tp_rank: int,
+                            vocab: int) -> list[str]:
+    """Vocabulary rows past ``vocab`` (TP padding) are zero."""
+    rows = bits.shape[0]
+    real = max(0, min(rows, vocab - tp_rank * rows))
+    if real < rows and _nonzero(bits[real:]).any():
+        return [f"{where}: {name} has non-zero padded vocabulary rows"]
+    return []
+
+
+def check_rank_tensors(cfg: dict, file: SafetensorsFile, rank: int, n: int,
+                       m: int) -> tuple[Report, int, int]:
+    """Every rule on one rank's tensors, in the order a reader fixes them: names, shapes,
+    dtypes, the N:M pattern (with the densities), padded vocabulary rows. Returns the findings
+    and the non-zero and total counts of the sparse GEMM weights."""
+    tp, _ = parallel_sizes(cfg)
+    pp_rank, tp_rank = divmod(rank, tp)
+    where = f"rank{rank}"
+    expected = expected_tensors(cfg, tp_rank, pp_rank)
+    report = Report()
+    report.add(check_tensor_names(where, expected, set(file.tensors)))
     nonzero = total = 0
-    for rank, file in files.items():
-        pp_rank, tp_rank = divmod(rank, tp)
-        where = f"rank{rank}"
-        expected = expected_tensors(cfg, tp_rank, pp_rank)
-        names = set(file.tensors)
-        # 4. name sets
-        for name in sorted(set(expected) - names):
-            bad(f"{where}: missing tensor {name}")
-        for name in sorted(names - set(expected)):
-            bad(f"{where}: unexpected tensor {name}")
-        for name in sorted(names & set(expected)):
-            info = file.tensors[name]
-            # 5. shapes, 6. dtypes
-            if tuple(info["shape"]) != expected[name]:
-                bad(f"{where}: {name} has shape {info['shape']}, expected "
-                    f"{list(expected[name])}")
+    for name in sorted(set(file.tensors) & set(expected)):
+        info = file.tensors[name]
+        problems = (check_tensor_shape(where, name, info, expected[name])
+                    or check_tensor_dtype(where, name, info, cfg["dtype"]))
+        if problems:  # a wrong shape or dtype makes the value checks meaningless
+            report.add(problems)
+            continue
+        report.add(check_tensor_dims(where, name, info))
+        if name.endswith(SPARSE_SUFFIXES):
+            nz = _nonzero(file.bits(name))
+            pattern = check_nm_pattern(where, name, nz, n, m)
+            report.add(pattern)
+            if nz.shape[1] % m:
                 continue
-            if info["dtype"] != st_dtype:
-                bad(f"{where}: {name} is {info['dtype']}, config dtype is {dtype} ({st_dtype})")
-                continue
-            if len(info["shape"]) not in (1, 2):
-                bad(f"{where}: {name} is {len(info['shape'])}-D")
-            # 8. the N:M pattern along the input axis
-            if name.endswith(SPARSE_SUFFIXES) or name == "lm_head.weight":
-                rows, k = info["shape"]
-                nz = _nonzero(file.bits(name))
-                if name.endswith(SPARSE_SUFFIXES):
-                    if k % m:
-                        bad(f"{where}: {name} input dim {k} is not a multiple of {m}")
-                        continue
-                    counts = nz.reshape(rows, k // m, m).sum(-1)
-                    if (counts > n).any():
-                        r, g = np.argwhere(counts > n)[0]
-                        bad(f"{where}: {name} is not {n}:{m}: row {r}, columns "
-                            f"{g * m}..{g * m + m - 1} hold {counts[r, g]} non-zeros "
-                            f"({int((counts > n).sum())} such groups)")
-                    if (counts == 0).all(-1).any():
-                        report.warnings.append(f"{where}: {name} has all-zero rows")
-                    nonzero += int(nz.sum())
-                    total += nz.size
-                    report.density[f"{where}:{name}"] = float(nz.mean())
-                    # 9. alignment
-                    if k % 16 or rows % 8:
-                        report.warnings.append(f"{where}: {name} [{rows}, {k}] is not aligned "
-                                               "to N % 8, K % 16 (ModelOpt/ASP limits)")
-                else:
-                    report.density[f"{where}:lm_head.weight (dense, optional)"] = float(nz.mean())
-            if name == "lm_head.weight" or (name == "transformer.vocab_embedding.weight"
-                                            and cfg.get("use_parallel_embedding")):
-                rows = info["shape"][0]
-                first = tp_rank * rows
-                real = max(0, min(rows, cfg["vocab_size"] - first))
-                if real < rows and _nonzero(file.bits(name)[real:]).any():
-                    bad(f"{where}: {name} has non-zero padded vocabulary rows")
-    if report.violations:
-        return report
-    # 7. replicated tensors identical across the TP ranks of a stage
+            nonzero += int(nz.sum())
+            total += nz.size
+            report.density[f"{where}:{name}"] = float(nz.mean())
+            report.warnings += check_alignment(where, name, nz.shape)
+        elif name == "lm_head.weight":
+            report.density[f"{where}:lm_head.weight (dense, optional)"] = float(
+                _nonzero(file.bits(name)).mean())
+        if name == "lm_head.weight" or (name == "transformer.vocab_embedding.weight"
+                                        and cfg.get("use_parallel_embedding")):
+            report.add(check_padded_vocab_rows(where, name, file.bits(name), tp_rank,
+                                               cfg["vocab_size"]))
+    return report, nonzero, total
+
+
+def check_replicated_identical(files: dict[int, SafetensorsFile], tp: int,
+                               pp: int) -> list[str]:
+    """Tensors every TP rank holds whole (norms, row-parallel biases, embeddings) are
+    byte-identical across the TP ranks of a stage."""
+    out = []
     for pp_rank in range(pp):
         first = files[pp_rank * tp]
         for name in first.tensors:
@@ -288,16 +378,60 @@ def validate_trtllm(directory: str | Path, n: int = 2, m: int = 4) -> Report:
                 continue
             for tp_rank in range(1, tp):
                 if files[pp_rank * tp + tp_rank].raw(name) != first.raw(name):
-                    bad(f"rank{pp_rank * tp + tp_rank}: replicated {name} differs from "
-                        f"rank{pp_rank * tp}")
-    # 10. build recipe
-    if dtype == "float16":
+                    out.append(f"rank{pp_rank * tp + tp_rank}: replicated {name} differs from "
+                               f"rank{pp_rank * tp}")
+    return out
+
+
+def check_build_recipe(cfg: dict) -> Report:
+    """What keeps TensorRT from using sparse tactics: fp16 (a warning), quantised GEMMs."""
+    report = Report()
+    if cfg["dtype"] == "float16":
         report.warnings.append("fp16: TensorRT-LLM casts fp16 GEMM inputs to fp32 by default; "
                                "sparse tactics are certain only in bf16")
     quant = (cfg.get("quantization") or {}).get("quant_algo")
     if quant:
-        bad(f"quant_algo {quant}: weight-only and NVFP4 GEMMs run as plugins, which ignore "
-            "weight sparsity")
+        report.violations.append(f"quant_algo {quant}: weight-only and NVFP4 GEMMs run as "
+                                 "plugins, which ignore weight sparsity")
+    return report
+
+
+def validate_trtllm(directory: str | Path, n: int = 2, m: int = 4) -> Report:
+    """Every check of the reference's section 6 that needs no GPU."""
+    directory = Path(directory)
+    report = Report()
+    try:
+        cfg = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        report.add([f"config.json: {err}"])
+        return report
+    report.add(check_architecture_and_dtype(cfg))
+    if report.violations:
+        return report
+    for check in (check_config_values, check_config_fields, check_world_size,
+                  check_layout_divides, check_embedding_sharding, check_rotary_dim):
+        report.add(check(cfg))
+    if report.violations:
+        return report
+    tp, pp = parallel_sizes(cfg)
+    cfg = {**cfg, "mapping": {"tp_size": tp, "pp_size": pp, "world_size": tp * pp}}
+    report.add(check_rank_files_present(directory, tp * pp))
+    if report.violations:
+        return report
+    files, unreadable = read_rank_files(directory, tp * pp)
+    report.add(unreadable)
+    if report.violations:
+        return report
+    nonzero = total = 0
+    for rank, file in files.items():
+        findings, rank_nonzero, rank_total = check_rank_tensors(cfg, file, rank, n, m)
+        report.add(findings)
+        nonzero += rank_nonzero
+        total += rank_total
+    if report.violations:
+        return report
+    report.add(check_replicated_identical(files, tp, pp))
+    report.add(check_build_recipe(cfg))
     if total:
         report.density["all sparse GEMM weights"] = nonzero / total
     return report

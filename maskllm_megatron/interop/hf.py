@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from maskllm_megatron.model.config import ModelConfig
+from maskllm_megatron.model.config import ModelConfig, TransformerFields
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "NemotronForCausalLM": "nemotron",
              "GPT2LMHeadModel": "gpt2"}
@@ -115,8 +115,9 @@ def model_config_from_hf(hf: dict, tp: int = 1, divisible_by: int = 128,
         position, max_len = "rope", hf["max_position_embeddings"]
         tied, vocab = bool(hf.get("tie_word_embeddings", False)), hf["vocab_size"]
     transformer["params_dtype"] = dtype
-    check_parallel(transformer, tp)
-    return ModelConfig(transformer=transformer,
+    shape = TransformerFields(**transformer)
+    check_parallel(shape, tp)
+    return ModelConfig(transformer=shape,
                        vocab_size=padded_vocab_size(vocab, tp, divisible_by),
                        max_sequence_length=max_len, position_embedding_type=position,
                        share_embeddings_and_output_weights=tied, tokenizer=tokenizer,
@@ -128,53 +129,48 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
     is one of the supported architectures exactly; the inverse of :func:`model_config_from_hf`."""
     t = cfg.transformer
     vocab = cfg.true_vocab_size or cfg.vocab_size
-    dtype = t.get("params_dtype", "float32")
-    heads = t["num_attention_heads"]
-    if (t.get("activation") == "gelu_tanh" and cfg.position_embedding_type == "learned_absolute"
-            and cfg.share_embeddings_and_output_weights and t.get("add_bias_linear", True)
-            and t.get("normalization", "LayerNorm") == "LayerNorm"
-            and (t.get("num_query_groups") or heads) == heads):
+    heads = t.num_attention_heads
+    if (t.activation == "gelu_tanh" and cfg.position_embedding_type == "learned_absolute"
+            and cfg.share_embeddings_and_output_weights and t.add_bias_linear
+            and t.normalization == "LayerNorm" and t.num_query_groups == heads):
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-                "vocab_size": vocab, "n_embd": t["hidden_size"], "n_layer": t["num_layers"],
+                "vocab_size": vocab, "n_embd": t.hidden_size, "n_layer": t.num_layers,
                 "n_head": heads, "n_positions": cfg.max_sequence_length,
-                "n_inner": t.get("ffn_hidden_size") or 4 * t["hidden_size"],
-                "activation_function": "gelu_new",
-                "layer_norm_epsilon": t.get("layernorm_epsilon", 1e-5),
-                "tie_word_embeddings": True, "torch_dtype": dtype, "bos_token_id": 0,
+                "n_inner": t.ffn_hidden_size, "activation_function": "gelu_new",
+                "layer_norm_epsilon": t.layernorm_epsilon,
+                "tie_word_embeddings": True, "torch_dtype": t.params_dtype, "bos_token_id": 0,
                 "eos_token_id": 0}
-    if (t.get("gated_linear_unit") and t.get("activation") == "silu"
-            and t.get("normalization") == "RMSNorm" and cfg.position_embedding_type == "rope"
-            and cfg.rotary_percent == 1.0):
+    if (t.gated_linear_unit and t.activation == "silu" and t.normalization == "RMSNorm"
+            and cfg.position_embedding_type == "rope" and cfg.rotary_percent == 1.0):
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "vocab_size": vocab, "hidden_size": t["hidden_size"],
-                "intermediate_size": t["ffn_hidden_size"],
-                "num_hidden_layers": t["num_layers"], "num_attention_heads": heads,
-                "num_key_value_heads": t.get("num_query_groups") or heads,
-                "head_dim": t.get("kv_channels") or t["hidden_size"] // heads,
-                "rms_norm_eps": t.get("layernorm_epsilon", 1e-5), "hidden_act": "silu",
+                "vocab_size": vocab, "hidden_size": t.hidden_size,
+                "intermediate_size": t.ffn_hidden_size,
+                "num_hidden_layers": t.num_layers, "num_attention_heads": heads,
+                "num_key_value_heads": t.num_query_groups, "head_dim": t.kv_channels,
+                "rms_norm_eps": t.layernorm_epsilon, "hidden_act": "silu",
                 "rope_theta": cfg.rotary_base, "max_position_embeddings": cfg.max_sequence_length,
                 "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
-                "attention_bias": bool(t.get("add_qkv_bias")),
-                "mlp_bias": bool(t.get("add_bias_linear")), "torch_dtype": dtype}
+                "attention_bias": t.add_qkv_bias, "mlp_bias": t.add_bias_linear,
+                "torch_dtype": t.params_dtype}
     raise ConversionError("this model matches none of the Hugging Face architectures "
                           f"{', '.join(SUPPORTED)} exactly; convert it from HF to export it")
 
 
-def check_parallel(transformer: dict, tp: int, pp: int = 1) -> None:
+def check_parallel(transformer: TransformerFields, tp: int, pp: int = 1) -> None:
     """TP must divide heads and KV groups, PP the layers: checked before any work."""
-    heads = transformer["num_attention_heads"]
-    groups = transformer.get("num_query_groups") or heads
+    heads, groups = transformer.num_attention_heads, transformer.num_query_groups
     if tp < 1 or heads % tp or groups % tp:
         raise ConversionError(f"--tp {tp} must divide the {heads} attention heads and the "
                               f"{groups} key-value groups")
-    if pp < 1 or transformer["num_layers"] % pp:
-        raise ConversionError(f"--pp {pp} must divide the {transformer['num_layers']} layers")
+    if pp < 1 or transformer.num_layers % pp:
+        raise ConversionError(f"--pp {pp} must divide the {transformer.num_layers} layers")
 
 
 # ----------------------------------------------------------------------------- tensor maps
 
 
-def _qkv_to_mcore(q, k, v, groups: int) -> torch.Tensor:
+def qkv_to_mcore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 groups: int) -> torch.Tensor:
     """[q; k; v] (rows = heads x head_dim) -> megatron's per-group [q_g; k_g; v_g]."""
     rest = q.shape[1:]
     q = q.reshape(groups, -1, *rest)
@@ -183,7 +179,10 @@ def _qkv_to_mcore(q, k, v, groups: int) -> torch.Tensor:
     return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
 
-def _qkv_from_mcore(qkv, groups: int, q_rows: int, kv_rows: int):
+def qkv_from_mcore(qkv: torch.Tensor, groups: int, q_rows: int,
+                   kv_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """megatron's per-group [q_g; k_g; v_g] -> (q, k, v); the inverse of
+    :func:`qkv_to_mcore`, shared with the TensorRT-LLM export."""
     rest = qkv.shape[1:]
     per = qkv.reshape(groups, -1, *rest)
     qg, kg = q_rows // groups, kv_rows // groups
@@ -197,22 +196,22 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
-class _Mapping:
+class TensorMapping:
     """Name mapping for one architecture: ``to_mcore`` yields (mcore name, tensor) from a
     reader of HF tensors; ``to_hf`` yields (hf name, tensor) from a reader of mcore tensors."""
 
     def __init__(self, arch: str, hf: dict, cfg: ModelConfig):
         self.arch, self.hf, self.cfg = arch, hf, cfg
         t = cfg.transformer
-        self.layers = t["num_layers"]
-        self.groups = t.get("num_query_groups") or t["num_attention_heads"]
-        self.head_dim = t.get("kv_channels") or t["hidden_size"] // t["num_attention_heads"]
-        self.q_rows = t["num_attention_heads"] * self.head_dim
+        self.layers = t.num_layers
+        self.groups = t.num_query_groups
+        self.head_dim = t.kv_channels
+        self.q_rows = t.num_attention_heads * self.head_dim
         self.kv_rows = self.groups * self.head_dim
         self.vocab = hf["vocab_size"]
         self.tied = cfg.share_embeddings_and_output_weights
-        self.biases = bool(t.get("add_bias_linear"))
-        self.qkv_bias = bool(t.get("add_qkv_bias"))
+        self.biases = t.add_bias_linear
+        self.qkv_bias = t.add_qkv_bias
 
     # names of the HF tensors per layer
     def _hf_layer(self, i: int) -> dict[str, str]:
@@ -231,7 +230,7 @@ class _Mapping:
         return ("weight", "bias") if bias else ("weight",)
 
     def _norm_suffixes(self) -> tuple[str, ...]:
-        return ("weight",) if self.cfg.transformer.get("normalization") == "RMSNorm" \
+        return ("weight",) if self.cfg.transformer.normalization == "RMSNorm" \
             else ("weight", "bias")
 
     def _embed_names(self) -> tuple[str, str | None, str, str]:
@@ -256,17 +255,17 @@ class _Mapping:
             if self.arch == "gpt2":
                 w = get(n["qkv"] + ".weight").t()  # Conv1D: [in, out]
                 q, k, v = w.split([self.q_rows, self.kv_rows, self.kv_rows])
-                yield m + "self_attention.linear_qkv.weight", _qkv_to_mcore(q, k, v, self.groups)
+                yield m + "self_attention.linear_qkv.weight", qkv_to_mcore(q, k, v, self.groups)
                 b = get(n["qkv"] + ".bias")
                 q, k, v = b.split([self.q_rows, self.kv_rows, self.kv_rows])
-                yield m + "self_attention.linear_qkv.bias", _qkv_to_mcore(q, k, v, self.groups)
+                yield m + "self_attention.linear_qkv.bias", qkv_to_mcore(q, k, v, self.groups)
                 for ours, theirs in (("self_attention.linear_proj", "proj"),
                                      ("mlp.linear_fc1", "fc1"), ("mlp.linear_fc2", "fc2")):
                     yield m + ours + ".weight", get(n[theirs] + ".weight").t()
                     yield m + ours + ".bias", get(n[theirs] + ".bias")
                 continue
             for s in self._suffixes(self.qkv_bias):
-                yield m + f"self_attention.linear_qkv.{s}", _qkv_to_mcore(
+                yield m + f"self_attention.linear_qkv.{s}", qkv_to_mcore(
                     get(f"{n['q']}.{s}"), get(f"{n['k']}.{s}"), get(f"{n['v']}.{s}"),
                     self.groups)
             for s in self._suffixes(self.biases):
@@ -293,7 +292,7 @@ class _Mapping:
                 yield f"{n['ln2']}.{s}", get(m + f"pre_mlp_layernorm.{s}")
             if self.arch == "gpt2":  # c_attn: [q; k; v] over all heads, Conv1D [in, out]
                 for s in ("weight", "bias"):
-                    qkv = torch.cat(_qkv_from_mcore(get(m + f"self_attention.linear_qkv.{s}"),
+                    qkv = torch.cat(qkv_from_mcore(get(m + f"self_attention.linear_qkv.{s}"),
                                                     self.groups, self.q_rows, self.kv_rows))
                     yield f"{n['qkv']}.{s}", qkv.t().contiguous() if s == "weight" else qkv
                 for ours, theirs in (("self_attention.linear_proj", "proj"),
@@ -302,7 +301,7 @@ class _Mapping:
                     yield n[theirs] + ".bias", get(m + ours + ".bias")
                 continue
             for s in self._suffixes(self.qkv_bias):
-                parts = _qkv_from_mcore(get(m + f"self_attention.linear_qkv.{s}"), self.groups,
+                parts = qkv_from_mcore(get(m + f"self_attention.linear_qkv.{s}"), self.groups,
                                         self.q_rows, self.kv_rows)
                 for name, t in zip(("q", "k", "v"), parts, strict=True):
                     yield f"{n[name]}.{s}", t.contiguous()
@@ -324,7 +323,7 @@ class _Mapping:
 # ----------------------------------------------------------------------------- reading HF
 
 
-class _HFReader:
+class HFReader:
     """Lazy access to the tensors of an HF directory (safetensors, sharded or not, or a
     weights-only ``pytorch_model.bin``); remembers what was read for error messages."""
 
@@ -381,17 +380,6 @@ class _HFReader:
 # ----------------------------------------------------------------------------- the commands
 
 
-def _build_dense_model(cfg: ModelConfig):
-    from maskllm_megatron.model.spec import build_gpt_model
-
-    config = cfg.transformer_config(1, 1, perform_initialization=False)
-    return build_gpt_model(
-        config, cfg.vocab_size, cfg.max_sequence_length, sparse_layers=(),
-        position_embedding_type=cfg.position_embedding_type,
-        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-        rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent)
-
-
 def _copy_tokenizer(source: Path, target: Path) -> bool:
     files = [source / f for f in _TOKENIZER_FILES if (source / f).exists()]
     if not files:
@@ -411,6 +399,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
 
     from maskllm_megatron import distributed
     from maskllm_megatron.checkpoint.model import save_model
+    from maskllm_megatron.model.build import build_model
 
     hf_dir, out = Path(hf_dir), Path(out)
     if not (hf_dir / "config.json").exists():
@@ -419,12 +408,12 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
     arch = architecture(hf)
     cfg = model_config_from_hf(hf, tp, divisible_by)
     check_parallel(cfg.transformer, tp, pp)
-    reader = _HFReader(hf_dir)
+    reader = HFReader(hf_dir)
     distributed.use_layout(1, 1, what="conversion")
-    model = _build_dense_model(cfg)
+    model = build_model(cfg, sparse_layers=(), perform_initialization=False)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     written: set[str] = set()
-    mapping = _Mapping(arch, hf, cfg)
+    mapping = TensorMapping(arch, hf, cfg)
     for name, tensor in tqdm(mapping.to_mcore(reader), total=len(state), desc="hf -> mcore",
                              disable=not progress):
         target = state[name]
@@ -467,6 +456,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
     from maskllm_megatron import distributed
     from maskllm_megatron.checkpoint.model import load_model
     from maskllm_megatron.checkpoint.run_dir import model_dir
+    from maskllm_megatron.model.build import build_model
 
     mcore_dir, out = Path(mcore_dir), Path(out)
     source = model_dir(mcore_dir)
@@ -483,7 +473,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
     cfg = ModelConfig.load(config_dir)
     if _state is None:
         distributed.use_layout(1, 1, what="conversion")
-        model = _build_dense_model(cfg)
+        model = build_model(cfg, sparse_layers=(), perform_initialization=False)
         load_model(model, source, missing_masks="keep")
         return distributed.on_rank0(lambda: _write_hf(model.state_dict(), hf, cfg, config_dir,
                                                       out, max_shard_bytes, progress))
@@ -496,7 +486,7 @@ def _write_hf(state: dict, hf: dict, cfg: ModelConfig, config_dir: Path, out: Pa
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    mapping = _Mapping(architecture(hf), hf, cfg)
+    mapping = TensorMapping(architecture(hf), hf, cfg)
     out.mkdir(parents=True, exist_ok=True)
     # stream: a shard is written as soon as it is full, so at most one shard is held
     shard: dict[str, torch.Tensor] = {}

@@ -1,4 +1,4 @@
-"""The GPT layer spec with sparse linears, and the megatron-core GPT model built from it.
+"""The GPT layer spec with sparse linears (the model is built from it in :mod:`.build`).
 
 megatron-core's own spec builder (``get_gpt_layer_local_spec``) assembles the transformer layer;
 we only swap the classes of ``linear_qkv``, ``linear_proj``, ``linear_fc1`` and ``linear_fc2``
@@ -11,9 +11,7 @@ for the sparse ones (each kind selectable). Around them, ``transformer_impl`` pi
   :class:`LocalNorm`, a torch norm that also does what megatron's torch fallback refuses
   (sequence parallel, Nemotron's zero-centred gamma).
 
-:func:`default_transformer_impl` picks TE on a GPU when it imports. The model is megatron-core's
-``GPTModel``: it is the model class the pinned releases (0.16-0.19) build from layer specs and
-checkpoint with ``sharded_state_dict``.
+:func:`default_transformer_impl` picks TE on a GPU when it imports.
 """
 
 from __future__ import annotations
@@ -22,18 +20,10 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state as ps
-from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import (
-    TransformerBlock,
-    TransformerBlockSubmodules,
-    get_num_layers_to_build,
-)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from maskllm_megatron.cpu_shims import cuda_literals
 from maskllm_megatron.model.layers import (
     MaskSettings,
     SparseColumnParallelLinear,
@@ -148,51 +138,3 @@ def get_sparse_gpt_layer_spec(
         attention.q_layernorm = norm
         attention.k_layernorm = norm
     return spec
-
-
-def build_gpt_model(
-    config: TransformerConfig,
-    vocab_size: int,
-    max_sequence_length: int,
-    mask_settings: MaskSettings | None = None,
-    sparse_layers: tuple[str, ...] = SPARSE_LAYER_KINDS,
-    position_embedding_type: str = "rope",
-    share_embeddings_and_output_weights: bool = True,
-    transformer_impl: str = "local",
-    vp_stage: int | None = None,
-    **gpt_kwargs,
-) -> GPTModel:
-    """megatron-core's GPTModel for this rank's pipeline stage, built from the sparse spec;
-    ``vp_stage``: which of this rank's virtual-pipeline chunks (interleaved schedules)."""
-    spec = get_sparse_gpt_layer_spec(
-        mask_settings, sparse_layers, normalization=config.normalization,
-        qk_layernorm=config.qk_layernorm, transformer_impl=transformer_impl)
-    # the final norm too: megatron's block would pick its own default class
-    block = ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
-        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
-        layer_norm=spec.submodules.input_layernorm))
-    with cuda_literals():  # tied embeddings at PP > 1 call .cuda()
-        return GPTModel(
-            config=config, transformer_layer_spec=block, vocab_size=vocab_size,
-            max_sequence_length=max_sequence_length,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            position_embedding_type=position_embedding_type,
-            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
-            vp_stage=vp_stage, **gpt_kwargs)
-
-
-def build_model(cfg, mask_settings: MaskSettings | None = None, *, tp: int = 1, pp: int = 1,
-                device=None, params_dtype: torch.dtype | None = None,
-                sequence_parallel: bool = False, transformer_impl: str | None = None,
-                **config_overrides) -> GPTModel:
-    """The sparse GPT of a :class:`~.model_config.ModelConfig` for this rank's stage of a
-    TP x PP layout, created on ``device`` in ``params_dtype`` (every command builds it here)."""
-    config = cfg.transformer_config(tp, pp, device=device, params_dtype=params_dtype,
-                                    sequence_parallel=sequence_parallel, **config_overrides)
-    return build_gpt_model(
-        config, cfg.vocab_size, cfg.max_sequence_length, mask_settings,
-        position_embedding_type=cfg.position_embedding_type,
-        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
-        transformer_impl=transformer_impl or default_transformer_impl(device),
-        rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent)

@@ -293,13 +293,13 @@ def prune_checkpoint(args) -> PruneReport:
     from maskllm_megatron.checkpoint.run_dir import model_dir
     from maskllm_megatron.data.datasets import BatchLayout, build_gpt_datasets
     from maskllm_megatron.data.tokenizer import load_tokenizer
+    from maskllm_megatron.model.build import build_model
     from maskllm_megatron.model.config import ModelConfig, copy_model_files
     from maskllm_megatron.model.layers import (
         MaskSettings,
         assign_layer_ids,
         sparse_layers,
     )
-    from maskllm_megatron.model.spec import build_model
     from maskllm_megatron.training.step import forward_passes
 
     method = check_method(args.method)

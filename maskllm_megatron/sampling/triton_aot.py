@@ -108,12 +108,12 @@ def launch(call: Call, *, key: int = 0, rows: int = 1, groups: int = 1,
     spec = SampleSpec(pattern, tau, kappa, key, shard, call.hard)
     if call.kernel == "forward":
         _, args, _, _, _ = tk.forward_launch(weight, logits, spec)
-        kernel = tk._forward_kernel
+        kernel = tk.forward_kernel
     else:
         into = None if call.main_grad is None else make((rows, groups, c), DTYPES[call.main_grad])
         _, args, *_ = tk.backward_launch(make(weight.shape, dtype), make((), torch.float32),
                                          weight, logits, spec, call.wgrad, into)
-        kernel = tk._backward_kernel
+        kernel = tk.backward_kernel
     return kernel, args, tk.launch_config(pattern, interpret=False)
 
 

@@ -183,7 +183,7 @@ if triton is not None:
         return tl.philox(key, q_lo, q_hi, zero + b, zero)
 
     @triton.jit
-    def _noise_bits(key, q, BLOCK: tl.constexpr, CP: tl.constexpr, NB: tl.constexpr):
+    def noise_bits_block(key, q, BLOCK: tl.constexpr, CP: tl.constexpr, NB: tl.constexpr):
         """``[BLOCK, CP]`` uint32 words, column c = word c % 4 of counter block c // 4: the
         layout of ``noise.noise_bits``, to check the kernels' stream against the others."""
         cols = tl.arange(0, CP)
@@ -313,7 +313,7 @@ if triton is not None:
     # -- kernels -----------------------------------------------------------------------------
 
     @triton.jit(do_not_specialize=PER_CALL)
-    def _forward_kernel(w_ptr, logits_ptr, cand_ptr, out_ptr, reg_ptr, n_groups: tl.int32,
+    def forward_kernel(w_ptr, logits_ptr, cand_ptr, out_ptr, reg_ptr, n_groups: tl.int32,
                         gpr: tl.int32, row_offset: tl.int32, gcol_offset: tl.int32,
                         groups_per_row: tl.int32, key: tl.int64, kappa: tl.float32,
                         tau: tl.float32, hard: tl.int32, N: tl.constexpr, M: tl.constexpr,
@@ -338,7 +338,7 @@ if triton is not None:
         tl.store(reg_ptr + tl.program_id(0), tl.sum(sq, axis=0))
 
     @triton.jit(do_not_specialize=PER_CALL)
-    def _backward_kernel(grad_out_ptr, w_ptr, logits_ptr, cand_ptr, grad_reg_ptr,
+    def backward_kernel(grad_out_ptr, w_ptr, logits_ptr, cand_ptr, grad_reg_ptr,
                          grad_logits_ptr, grad_w_ptr, n_groups: tl.int32, gpr: tl.int32,
                          row_offset: tl.int32, gcol_offset: tl.int32, groups_per_row: tl.int32,
                          key: tl.int64, kappa: tl.float32, tau: tl.float32, hard: tl.int32,
@@ -458,7 +458,7 @@ def backward_launch(grad_out, grad_reg, weight, logits, spec, need_weight_grad: 
 
 def forward(weight: torch.Tensor, logits: torch.Tensor, spec):
     grid, args, meta, out, partials = forward_launch(weight, logits, spec)
-    _forward_kernel[grid](*args, **meta)
+    forward_kernel[grid](*args, **meta)
     return out, partials.double().sum().float()
 
 
@@ -467,7 +467,7 @@ def backward(grad_out, grad_reg, weight, logits, spec, need_weight_grad: bool, i
     contiguous buffer (any float dtype) in the same pass and ``None`` is returned for it."""
     grid, args, meta, target, grad_weight, staged = backward_launch(
         grad_out, grad_reg, weight, logits, spec, need_weight_grad, into)
-    _backward_kernel[grid](*args, **meta)
+    backward_kernel[grid](*args, **meta)
     if staged is not None:
         into.copy_(staged)
     return (None if into is not None else target), grad_weight

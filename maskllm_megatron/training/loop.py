@@ -48,6 +48,7 @@ from maskllm_megatron.cpu_shims import cuda_literals
 from maskllm_megatron.data.datasets import BatchLayout, build_gpt_datasets
 from maskllm_megatron.data.tokenizer import load_tokenizer
 from maskllm_megatron.errors import TrainingError
+from maskllm_megatron.model.build import build_model
 from maskllm_megatron.model.config import ModelConfig, copy_model_files
 from maskllm_megatron.model.layers import (
     MaskSettings,
@@ -55,7 +56,6 @@ from maskllm_megatron.model.layers import (
     assign_layer_ids,
     sparse_layers,
 )
-from maskllm_megatron.model.spec import build_model
 from maskllm_megatron.training.args import TrainArgs
 from maskllm_megatron.training.grads import wrap_model
 from maskllm_megatron.training.metrics import (

@@ -58,13 +58,11 @@ class Plan:
 
 def _sizes(cfg: ModelConfig) -> dict:
     t = cfg.transformer
-    h, a = t["hidden_size"], t["num_attention_heads"]
-    d = t.get("kv_channels") or h // a
-    g = t.get("num_query_groups") or a
-    f = t.get("ffn_hidden_size") or 4 * h
-    fc1_rows = 2 * f if t.get("gated_linear_unit") else f
+    h, a, d = t.hidden_size, t.num_attention_heads, t.kv_channels
+    g, f = t.num_query_groups, t.ffn_hidden_size
+    fc1_rows = 2 * f if t.gated_linear_unit else f
     linear = (a * d + 2 * g * d) * h + h * a * d + fc1_rows * h + h * f
-    return {"h": h, "a": a, "L": t["num_layers"], "V": cfg.vocab_size, "linear": linear,
+    return {"h": h, "a": a, "L": t.num_layers, "V": cfg.vocab_size, "linear": linear,
             "norms": 4 * h}
 
 
@@ -97,9 +95,8 @@ def plan_layout(cfg: ModelConfig, tp: int, pp: int, world: int, seq: int, micro_
 def suggest(cfg: ModelConfig, world: int, seq: int, global_batch: int, gpu_gb: float,
             gpus_per_node: int) -> Plan | None:
     """The smallest TP (within a node), then PP, then the largest micro-batch that fits."""
-    a = cfg.transformer["num_attention_heads"]
-    g = cfg.transformer.get("num_query_groups") or a
-    layers = cfg.transformer["num_layers"]
+    a, g = cfg.transformer.num_attention_heads, cfg.transformer.num_query_groups
+    layers = cfg.transformer.num_layers
     for tp in (t for t in (1, 2, 4, 8) if t <= gpus_per_node and a % t == 0 and g % t == 0):
         for pp in (p for p in range(1, layers + 1) if layers % p == 0 and world % (tp * p) == 0):
             for mbs in (4, 2, 1):

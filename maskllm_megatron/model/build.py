@@ -1,0 +1,65 @@
+"""Building the model: megatron-core's ``GPTModel`` from a :class:`ModelConfig` and the sparse
+layer spec, for this rank's stage of a TP x PP layout. Every command and test builds it here.
+
+The model class is megatron-core's ``GPTModel``: the class the pinned releases (0.16-0.19)
+build from layer specs and checkpoint with ``sharded_state_dict``.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+
+from maskllm_megatron.cpu_shims import cuda_literals
+from maskllm_megatron.model.config import ModelConfig
+from maskllm_megatron.model.layers import MaskSettings
+from maskllm_megatron.model.spec import (
+    SPARSE_LAYER_KINDS,
+    default_transformer_impl,
+    get_sparse_gpt_layer_spec,
+)
+
+
+def build_model(cfg: ModelConfig, mask_settings: MaskSettings | None = None, *, tp: int = 1,
+                pp: int = 1, device: torch.device | str | None = None,
+                params_dtype: torch.dtype | None = None, sequence_parallel: bool = False,
+                transformer_impl: str | None = None,
+                sparse_layers: tuple[str, ...] = SPARSE_LAYER_KINDS,
+                parallel_output: bool = True, vp_stage: int | None = None,
+                **config_overrides) -> GPTModel:
+    """The GPT of ``cfg`` for this rank's stage of a TP x PP layout, on ``device`` in
+    ``params_dtype`` (default: the dtype ``cfg`` records).
+
+    ``sparse_layers`` picks which linears are sparse (mask settings from ``mask_settings``);
+    ``sparse_layers=()`` is the plain dense model of conversion, with megatron's own linears
+    and no mask tensors. ``transformer_impl`` defaults to TE on a GPU where it imports;
+    ``parallel_output=False`` gathers the logits over TP; ``config_overrides`` go to the
+    ``TransformerConfig`` (e.g. ``perform_initialization=False``); ``vp_stage``: which of this
+    rank's virtual-pipeline chunks to build (interleaved schedules)."""
+    config = cfg.transformer_config(tp, pp, device=device, params_dtype=params_dtype,
+                                    sequence_parallel=sequence_parallel, **config_overrides)
+    spec = get_sparse_gpt_layer_spec(
+        mask_settings, sparse_layers, normalization=config.normalization,
+        qk_layernorm=config.qk_layernorm,
+        transformer_impl=transformer_impl or default_transformer_impl(device))
+    # the final norm too: megatron's block would pick its own default class
+    block = ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=spec.submodules.input_layernorm))
+    with cuda_literals():  # tied embeddings at PP > 1 call .cuda()
+        return GPTModel(
+            config=config, transformer_layer_spec=block, vocab_size=cfg.vocab_size,
+            max_sequence_length=cfg.max_sequence_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            position_embedding_type=cfg.position_embedding_type,
+            share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+            rotary_base=cfg.rotary_base, rotary_percent=cfg.rotary_percent,
+            parallel_output=parallel_output, vp_stage=vp_stage)
