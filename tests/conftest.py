@@ -1,5 +1,7 @@
-"""Test setup: without a GPU the Triton kernels run on CPU tensors through the interpreter;
-tests marked ``gpu`` are skipped there (``pytest -m gpu`` on a GPU machine runs them)."""
+"""Test setup. Tiers follow the directories and are markers of the same names: ``unit`` (one
+process, seconds), ``dist`` (gloo ranks on a warm pool), ``e2e`` (the CLI, the demo, builds),
+``gpu`` (skipped without CUDA; ``pytest -m gpu`` on a GPU machine). Without a GPU the Triton
+kernels run on CPU tensors through the interpreter. Every test is seeded (``--test-seed``)."""
 
 import os
 
@@ -46,7 +48,14 @@ def seeded(request):
     return seed
 
 
+TIERS = ("unit", "dist", "e2e", "gpu")
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = item.path.parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)")

@@ -68,7 +68,7 @@ class DistributedPool:
         self.tasks = [ctx.Queue() for _ in range(self.world_size)]
         self.results = ctx.Queue()
         port = _free_port()
-        self.procs = [ctx.Process(target=_worker, daemon=False,  # the checkpoint writer forks
+        self.procs = [ctx.Process(target=_worker, daemon=False,  # ranks may start helper processes
                                   args=(r, self.world_size, port, self.tasks[r], self.results))
                       for r in range(self.world_size)]
         for proc in self.procs:

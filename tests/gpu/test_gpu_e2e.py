@@ -49,7 +49,7 @@ def _log(save: Path) -> list[dict]:
 
 
 def _logits(save: Path, iteration: int) -> dict:
-    from test_train import plain_tensors
+    from run_files import plain_tensors
 
     tensors = plain_tensors(save / f"iter_{iteration:07d}" / "model")
     return {k: v for k, v in tensors.items() if k.endswith("mask_logits")}

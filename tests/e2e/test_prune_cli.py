@@ -57,7 +57,7 @@ def test_one_shot_baselines_order_and_feed_training(corpus, trained, tmp_path):
           "--global-batch-size", "2", "--seq-length", "32", "--train-iters", "1", "--lr", "1e-9",
           "--load", str(trained / "dense"), "--prior", str(tmp_path / "wanda" / "masks"),
           "--save", str(run), "--no-progress"])
-    from test_train import plain_tensors
+    from run_files import plain_tensors
 
     learned = plain_tensors(run / "iter_0000001" / "model")
     prior = plain_tensors(tmp_path / "wanda" / "masks")

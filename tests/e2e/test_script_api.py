@@ -16,15 +16,15 @@ import torch
 from maskllm_megatron import distributed
 from maskllm_megatron.checkpoint.model import load_model, save_model
 from maskllm_megatron.cpu_shims import cpu_shims
-from maskllm_megatron.model.config import ModelConfig
+from maskllm_megatron.model.config import ModelConfig, TransformerFields
 from maskllm_megatron.model.layers import assign_layer_ids
-from maskllm_megatron.model.spec import build_model
+from maskllm_megatron.model.build import build_model
 
 out = Path(sys.argv[1])
 with (out / "runs.txt").open("a") as runs:
     runs.write("ran\\n")
-cfg = ModelConfig(transformer=dict(num_layers=2, hidden_size=64, num_attention_heads=4,
-                                   ffn_hidden_size=128, activation="gelu", add_bias_linear=True),
+cfg = ModelConfig(TransformerFields(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                    ffn_hidden_size=128, activation="gelu", add_bias_linear=True),
                   vocab_size=384, max_sequence_length=32)
 with cpu_shims():
     distributed.init_distributed(1, 1, device="cpu")

@@ -240,7 +240,7 @@ def test_trim_turns_a_training_run_into_hard_masks(exported, corpus, tmp_path):
     proc = _run(["trim", str(run), "--out", str(tmp_path / "trimmed")])
     assert re.search(r"total .* 50\.0%", proc.stdout)
     assert "dropped" in proc.stdout and "MiB of optimizer state" in proc.stdout
-    from test_train import plain_tensors
+    from run_files import plain_tensors
 
     logits = plain_tensors(run / "iter_0000002" / "model")
     trimmed = plain_tensors(tmp_path / "trimmed")
