@@ -51,6 +51,7 @@ def seeded(request):
 TIERS = ("unit", "dist", "e2e", "gpu")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
 def pytest_collection_modifyitems(config, items):
     for item in items:
         tier = item.path.parent.name
