@@ -30,25 +30,49 @@ def _prune(corpus, trained, method, save, *extra):
                  "--no-progress", *extra], check=False)
 
 
-def _loss(corpus, trained, path) -> float:
-    out = _run(["eval-ppl", "--load", str(path), "--model-config", str(corpus / "model"),
-                "--text", str(trained / "heldout.txt"), "--no-progress"]).stdout
-    return float(out.strip().splitlines()[-1].split()[-2])
+BASELINES = """
+import argparse, json, sys
+from maskllm_megatron import distributed
+from maskllm_megatron.cpu_shims import cpu_shims
+from maskllm_megatron.eval.perplexity import evaluate_checkpoint
+from maskllm_megatron.pruning.oneshot import prune_checkpoint
+corpus, trained, out = sys.argv[1:4]
+common = dict(model_config=f"{corpus}/model", tokenizer=None, tensor_model_parallel_size=1,
+              pipeline_model_parallel_size=1, seq_length=32, micro_batch_size=1, N=2, M=4,
+              seed=1234, progress=False, device="cpu", bf16=False, fp16=False, fp32=False,
+              sequence_parallel=False, transformer_impl=None)
+with cpu_shims():  # the library behind `maskllm prune` and `maskllm eval-ppl`, one process
+    distributed.init_distributed(device="cpu")
+    def loss(path):
+        return evaluate_checkpoint(argparse.Namespace(
+            load=str(path), text=f"{trained}/heldout.txt", masks="auto", **common)).loss
+    result = {"dense": {"loss": loss(f"{trained}/dense"), "kept": []}}
+    for name, method, update in (("magnitude", "magnitude", False), ("wanda", "wanda", False),
+                                 ("sparsegpt+update", "sparsegpt", True)):
+        report = prune_checkpoint(argparse.Namespace(
+            method=method, load=f"{trained}/dense", data_path=[f"{corpus}/data/docs"],
+            calib_samples=16, update_weights=update, row_parallel_hessian="gather",
+            save=f"{out}/{name}", **common))
+        result[name] = {"loss": loss(report.pruned), "kept": [s[4] for s in report.shards]}
+print(json.dumps(result))
+"""
 
 
 def test_one_shot_baselines_order_and_feed_training(corpus, trained, tmp_path):
-    losses = {"dense": _loss(corpus, trained, trained / "dense")}
-    for name, method, extra in (("magnitude", "magnitude", ()), ("wanda", "wanda", ()),
-                                ("sparsegpt+update", "sparsegpt", ("--update-weights",))):
-        proc = _prune(corpus, trained, method, tmp_path / name, "--calib-samples", "16", *extra)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert len(re.findall(r" 50\.0%", proc.stdout)) == 8  # every layer is 2:4
-        losses[name] = _loss(corpus, trained, tmp_path / name / "pruned")
-    print(losses)
+    import json
+
+    proc = _run([str(corpus), str(trained), str(tmp_path)], script=BASELINES)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    losses = {name: r["loss"] for name, r in result.items()}
+    for name in ("magnitude", "wanda", "sparsegpt+update"):  # every layer is 2:4
+        assert result[name]["kept"] == [0.5] * 8, result[name]["kept"]
     # robust on this model: pruning costs something, and SparseGPT's update recovers more
     # than either score-only method. Wanda vs magnitude is too close here to assert.
     assert all(losses[k] > losses["dense"] for k in losses if k != "dense")
     assert losses["sparsegpt+update"] < min(losses["magnitude"], losses["wanda"])
+    # the CLI prints the library's report: one table row per shard
+    cli = _prune(corpus, trained, "magnitude", tmp_path / "cli")
+    assert cli.returncode == 0 and len(re.findall(r" 50\.0%", cli.stdout)) == 8
 
     # the masks checkpoint is a prior for mask learning
     run = tmp_path / "learn"
