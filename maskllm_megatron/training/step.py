@@ -10,6 +10,7 @@ own, also under megatron's interleaved (virtual pipeline) schedule.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -77,13 +78,7 @@ def forward_backward(model, state: SamplingState, dataset, batches, iteration: i
             regs.append(reg.detach())
             if reg_weight > 0:  # this stage's (and TP shard's) term, on every stage
                 output = _AuxLoss.apply(output, reg, reg_weight / batches.num_microbatches)
-        mask = batch["loss_mask"].float()
-
-        def loss_func(output_tensor):
-            loss = (output_tensor.float() * mask).sum() / mask.sum()
-            return loss, {"lm loss": loss.detach().clone()}
-
-        return output, loss_func
+        return output, functools.partial(masked_lm_loss, loss_mask=batch["loss_mask"])
 
     data = microbatch_iterators(
         model, batches.num_microbatches,
@@ -134,13 +129,7 @@ def forward_passes(model, dataset, batches, seq_length: int, iterations: int = 1
     def forward_step(data_iterator, model):
         _, batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        mask = batch["loss_mask"].float()
-
-        def loss_func(output_tensor):
-            loss = (output_tensor.float() * mask).sum() / mask.sum()
-            return loss, {"lm loss": loss.detach().clone()}
-
-        return output, loss_func
+        return output, functools.partial(masked_lm_loss, loss_mask=batch["loss_mask"])
 
     for it in range(iterations):
         data = microbatch_iterators(
