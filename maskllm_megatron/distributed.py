@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 
 from maskllm_megatron import cpu_shims
 
@@ -147,9 +149,6 @@ def set_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_
                        virtual_pipeline_model_parallel_size: int | None = None) -> ParallelLayout:
     """(Re)initialise megatron's parallel state for a TP x PP layout; DP is what remains.
     ``virtual_pipeline_model_parallel_size``: model chunks per pipeline rank (interleaved)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
     world = dist.get_world_size()
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world % (tp * pp) != 0:
@@ -179,8 +178,6 @@ def _destroy_subgroups() -> None:
 
 
 def current_layout() -> ParallelLayout:
-    from megatron.core import parallel_state as ps
-
     return ParallelLayout(
         world_size=dist.get_world_size(), rank=dist.get_rank(),
         tp=ps.get_tensor_model_parallel_world_size(),
@@ -195,8 +192,6 @@ def current_layout() -> ParallelLayout:
 
 def shutdown() -> None:
     global _DEVICE
-    from megatron.core import parallel_state as ps
-
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from maskllm_megatron.checkpoint.model import parameter_entries
 from maskllm_megatron.core.nm import apply_prior, indices_to_mask
@@ -48,8 +49,6 @@ def apply_prior_checkpoint(model, path: str | Path, strength: float) -> None:
 def _indices_entry(entry, key: str, data: torch.Tensor):
     """An entry laid out like ``entry`` (a logits entry) for fixed-mask indices, which lack the
     candidate axis; that axis is never sharded, so offsets and fragmentation carry over."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     if not isinstance(entry, ShardedTensor):  # SwiGLU factory: rebuilt from the data's shape
         return dataclasses.replace(entry, key=key, data=data)
     return dataclasses.replace(

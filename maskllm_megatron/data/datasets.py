@@ -7,9 +7,12 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 
 def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
@@ -29,15 +32,8 @@ def build_gpt_datasets(data_path: list[str], tokenizer, seq_length: int, seed: i
                        num_samples: tuple[int, int, int], split: str = "98,2,0",
                        cache_dir: str | None = None):
     """(train, valid, test) megatron ``GPTDataset``s (or blends of them); None for empty splits."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
     prefixes, weights = parse_blend(data_path)
     for prefix in prefixes:
-        import os
-
         if not (os.path.exists(f"{prefix}.bin") and os.path.exists(f"{prefix}.idx")):
             raise FileNotFoundError(f"dataset {prefix}.bin/.idx not found (run maskllm "
                                     "preprocess first)")

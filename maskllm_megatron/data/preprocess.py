@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
 from maskllm_megatron.data.tokenizer import load_tokenizer
@@ -41,8 +42,6 @@ def _documents(paths: list[Path], json_key: str):
 def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_prefix: str | Path,
                json_key: str = "text", progress: bool = True) -> dict:
     """Tokenise ``inputs`` into ``output_prefix.{bin,idx}``; returns document/token counts."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     paths = [Path(p) for p in inputs]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sentencepiece as spm
+from megatron.core.tokenizers import MegatronTokenizer
+
 
 def load_tokenizer(path: str | Path):
     """A megatron-core tokenizer for a ``.model`` SentencePiece file or an HF tokenizer dir."""
-    from megatron.core.tokenizers import MegatronTokenizer
-
     path = Path(path)
     if path.is_dir():
         if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json",
@@ -34,8 +35,6 @@ def load_tokenizer(path: str | Path):
 def train_tokenizer(inputs: list[str | Path], model_prefix: str | Path, vocab_size: int = 4096,
                     model_type: str = "bpe") -> Path:
     """Train a SentencePiece model on text files; returns the ``.model`` path."""
-    import sentencepiece as spm
-
     files = [str(p) for p in inputs]
     missing = [f for f in files if not Path(f).is_file()]
     if missing:

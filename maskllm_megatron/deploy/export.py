@@ -16,10 +16,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 from maskllm_megatron import distributed
-from maskllm_megatron.core.nm import NMPattern, bits_per_weight, is_nm_sparse
-from maskllm_megatron.model.config import ModelConfig
+from maskllm_megatron.checkpoint.model import load_sparse_model, save_model
+from maskllm_megatron.checkpoint.run_dir import model_dir
+from maskllm_megatron.core.nm import (
+    NMPattern,
+    bits_per_weight,
+    indices_to_mask,
+    is_nm_sparse,
+    mask_to_indices,
+    pack_indices,
+    unpack_indices,
+)
+from maskllm_megatron.deploy.validate import SPARSE_SUFFIXES, format_report, validate_trtllm
+from maskllm_megatron.interop.hf import (
+    HF_CONFIG,
+    TensorMapping,
+    architecture,
+    hf_config_from_model_config,
+    mcore_to_hf,
+    qkv_from_mcore,
+)
+from maskllm_megatron.model.config import ModelConfig, copy_model_files
+from maskllm_megatron.model.layers import fix_masks, sparse_layers
 
 TRT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -45,9 +68,6 @@ def load_for_export(load: str | Path, n: int = 2, m: int = 4):
     """Load a checkpoint once for every exporter: (model at TP=1 x PP=1 with its masks
     applied, ModelConfig, mask mode, pattern, the directory holding model_config.json, the
     model checkpoint directory)."""
-    from maskllm_megatron.checkpoint.model import load_sparse_model
-    from maskllm_megatron.checkpoint.run_dir import model_dir
-
     distributed.use_layout(1, 1, what="export")  # whole tensors on every rank
     source = model_dir(load)
     config_dir = next((d for d in (Path(load), source, source.parent)
@@ -62,8 +82,6 @@ def load_for_export(load: str | Path, n: int = 2, m: int = 4):
 @torch.no_grad()
 def masked_state(model) -> dict[str, torch.Tensor]:
     """The model's state dict with every sparse layer's weight multiplied by its mask."""
-    from maskllm_megatron.model.layers import sparse_layers
-
     state = {k: v for k, v in model.state_dict().items()
              if not k.endswith(("_extra_state", "mask_logits", "mask_indices"))}
     for name, layer in sparse_layers(model):
@@ -99,10 +117,6 @@ class TrimReport:
 def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> TrimReport:
     """Hard masks from a training checkpoint: argmax of the logits, stored as candidate indices
     (uint8, one per group). Logits and optimizer state are dropped."""
-    from maskllm_megatron.checkpoint.model import save_model
-    from maskllm_megatron.model.config import copy_model_files
-    from maskllm_megatron.model.layers import fix_masks, sparse_layers
-
     model, cfg, mode, pattern, config_dir, source = load_for_export(load, n, m)
     if mode == "dense":
         raise ExportError(f"{load} holds no masks (a dense checkpoint): nothing to trim")
@@ -209,8 +223,6 @@ def check_layout(cfg: ModelConfig, tp: int, pp: int, pattern: NMPattern) -> None
 
 def _rank_tensors(state: dict, cfg: ModelConfig, tp: int, pp: int, tp_rank: int,
                   pp_rank: int) -> dict[str, torch.Tensor]:
-    from maskllm_megatron.interop.hf import qkv_from_mcore
-
     t = cfg.transformer
     kind = _trt_kind(cfg)
     h, nh, nkv, d = t.hidden_size, t.num_attention_heads, t.num_query_groups, t.kv_channels
@@ -307,11 +319,6 @@ def export_trtllm(load: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
 def _write_trtllm(state: dict, cfg: ModelConfig, config: dict, out: Path, tp: int, pp: int,
                   dtype: str, pattern: NMPattern, progress: bool) -> Path:
     """The TensorRT-LLM rank files and config from full masked tensors, on one rank."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    from maskllm_megatron.deploy.validate import SPARSE_SUFFIXES, format_report, validate_trtllm
-
     tmp = _atomic_dir(out)
     for rank in tqdm(range(tp * pp), desc="trtllm ranks", disable=not progress):
         pp_rank, tp_rank = divmod(rank, tp)
@@ -344,21 +351,14 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     """A Hugging Face directory with masked weights (zeros in place), ``config.json`` recording
     the pattern, and ``nm_masks.safetensors``: each sparse weight's mask packed at
     :func:`nm.bits_per_weight` bits per weight (0.667 for 2:4)."""
-
-    from maskllm_megatron.interop.hf import HF_CONFIG, TensorMapping, architecture
-
     model, cfg, mode, pattern, config_dir, _ = load_for_export(load, n, m)
     if mode == "dense":
         raise ExportError(f"{load} holds no masks (a dense checkpoint)")
     if (config_dir / HF_CONFIG).exists():
         hf = json.loads((config_dir / HF_CONFIG).read_text())
     else:
-        from maskllm_megatron.interop.hf import hf_config_from_model_config
-
         hf = hf_config_from_model_config(cfg)
     state = masked_state(model)
-    from maskllm_megatron.model.layers import sparse_layers
-
     masks = dict(state)
     for name, layer in sparse_layers(model):
         masks[f"{name}.weight"] = (layer.masked_weight(torch.ones_like(layer.weight)) != 0)
@@ -369,11 +369,6 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
 
 def _write_hf_export(state, masks, mapping, hf, pattern, config_dir, out, progress) -> Path:
     """The HF directory and its packed masks, on one rank."""
-    from safetensors.torch import save_file
-
-    from maskllm_megatron.core.nm import mask_to_indices, pack_indices
-    from maskllm_megatron.interop.hf import architecture, mcore_to_hf
-
     tmp = _atomic_dir(out)
     mcore_to_hf(config_dir, tmp, progress=progress, _state=state)
     packed, meta = {}, {}
@@ -402,10 +397,6 @@ def _write_hf_export(state, masks, mapping, hf, pattern, config_dir, out, progre
 
 def load_packed_masks(directory: str | Path) -> dict[str, torch.Tensor]:
     """HF parameter name -> boolean mask (True = kept), from ``nm_masks.safetensors``."""
-    from safetensors import safe_open
-
-    from maskllm_megatron.core.nm import indices_to_mask, unpack_indices
-
     path = Path(directory) / MASKS_FILE
     masks = {}
     with safe_open(str(path), "pt") as f:

@@ -26,7 +26,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
 
+from maskllm_megatron import distributed
+from maskllm_megatron.checkpoint.model import load_model, save_model
+from maskllm_megatron.checkpoint.run_dir import model_dir
+from maskllm_megatron.model.build import build_model
 from maskllm_megatron.model.config import ModelConfig, TransformerFields
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "NemotronForCausalLM": "nemotron",
@@ -328,8 +335,6 @@ class HFReader:
     weights-only ``pytorch_model.bin``); remembers what was read for error messages."""
 
     def __init__(self, directory: Path):
-        from safetensors import safe_open
-
         self.files: dict[str, object] = {}
         self.where: dict[str, str] = {}
         index = directory / "model.safetensors.index.json"
@@ -364,8 +369,6 @@ class HFReader:
             tensor = self.state[name]
         else:
             if file not in self.files:
-                from safetensors import safe_open
-
                 self.files[file] = safe_open(str(self.directory / file), "pt")
             tensor = self.files[file].get_tensor(name)
         self.read.append(f"{name} {list(tensor.shape)}")
@@ -395,12 +398,6 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
                 divisible_by: int = 128, tokenizer: str | None = None,
                 progress: bool = True) -> ModelConfig:
     """Convert an HF directory into a megatron-core checkpoint directory (see module doc)."""
-    from tqdm import tqdm
-
-    from maskllm_megatron import distributed
-    from maskllm_megatron.checkpoint.model import save_model
-    from maskllm_megatron.model.build import build_model
-
     hf_dir, out = Path(hf_dir), Path(out)
     if not (hf_dir / "config.json").exists():
         raise FileNotFoundError(f"{hf_dir} has no config.json")
@@ -452,12 +449,6 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
     """Write an HF directory (config.json, safetensors, tokenizer) from a converted checkpoint
     (or a run trained from one: its latest iteration's model). ``_state``: tensors already
     loaded (the HF exporter passes masked weights)."""
-
-    from maskllm_megatron import distributed
-    from maskllm_megatron.checkpoint.model import load_model
-    from maskllm_megatron.checkpoint.run_dir import model_dir
-    from maskllm_megatron.model.build import build_model
-
     mcore_dir, out = Path(mcore_dir), Path(out)
     source = model_dir(mcore_dir)
     config_dir = next((d for d in (mcore_dir, source, source.parent)
@@ -483,9 +474,6 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
 def _write_hf(state: dict, hf: dict, cfg: ModelConfig, config_dir: Path, out: Path,
               max_shard_bytes: int, progress: bool) -> Path:
     """The HF directory's files from full (TP=1) mcore tensors, on one rank."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
     mapping = TensorMapping(architecture(hf), hf, cfg)
     out.mkdir(parents=True, exist_ok=True)
     # stream: a shard is written as soon as it is full, so at most one shard is held

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 FILENAME = "model_config.json"
 VERSION = 2  # 1: no "version" key, optional sizes may be absent
@@ -194,8 +195,6 @@ class ModelConfig:
         On a GPU the weights are created there by megatron's own initialisation; on the CPU
         (``device`` None or CPU) from one TP-independent master copy. ``params_dtype`` is the
         run's dtype for the frozen weights (default: the one the model config records)."""
-        from megatron.core.transformer.transformer_config import TransformerConfig
-
         on_cpu = device is None or torch.device(device).type == "cpu"
         shape = asdict(self.transformer)
         shape["activation_func"] = ACTIVATIONS[shape.pop("activation")]

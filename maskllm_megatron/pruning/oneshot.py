@@ -23,8 +23,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from tqdm import tqdm
 
-from maskllm_megatron.core.nm import NMPattern, check_groupable, mask_from_scores
+from maskllm_megatron import distributed
+from maskllm_megatron.checkpoint.model import load_model, save_model
+from maskllm_megatron.checkpoint.run_dir import model_dir
+from maskllm_megatron.core.nm import NMPattern, check_groupable, mask_from_scores, mask_to_indices
+from maskllm_megatron.data.datasets import BatchLayout, build_gpt_datasets, parse_blend
+from maskllm_megatron.data.tokenizer import load_tokenizer
+from maskllm_megatron.model.build import build_model
+from maskllm_megatron.model.config import ModelConfig, copy_model_files
+from maskllm_megatron.model.layers import (
+    MaskSettings,
+    assign_layer_ids,
+    set_mask_mode,
+    sparse_layers,
+)
+from maskllm_megatron.training.step import forward_passes
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -156,9 +174,6 @@ class _Statistics:
     def finish(self):
         """Sum over data parallel (each DP rank saw its own calibration samples) and, under
         sequence parallelism, over the TP ranks' parts of the sequence."""
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
         self.handle.remove()
         if self.sum is None:
             raise RuntimeError(f"{self.layer.kind}: no calibration input reached this layer")
@@ -169,15 +184,10 @@ class _Statistics:
 
 
 def _tp_size() -> int:
-    from megatron.core import parallel_state as ps
-
     return ps.get_tensor_model_parallel_world_size()
 
 
 def _all_gather_columns(x: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
     parts = [torch.empty_like(x) for _ in range(_tp_size())]
     dist.all_gather(parts, x.contiguous(), group=ps.get_tensor_model_parallel_group())
     return torch.cat(parts, dim=1)
@@ -186,10 +196,6 @@ def _all_gather_columns(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _prune_layer(layer, stat, method: str, gather: bool, update: bool, what: str) -> None:
     """Set the layer's fixed mask (``mask_indices``) and its pruned weight."""
-    from megatron.core import parallel_state as ps
-
-    from maskllm_megatron.core.nm import mask_to_indices
-
     pattern = layer.mask_settings.pattern
     weight = layer.weight
     if method == "magnitude":
@@ -220,10 +226,6 @@ def prune_model(model, forward_calibration, method: str, *, update: bool = False
     batches forward on every rank (any TP x PP: every rank joins every pass). The four linears of
     one block share a pass. Returns {"tokens": calibration tokens per pass (this DP rank)}.
     """
-    from tqdm import tqdm
-
-    from maskllm_megatron.model.layers import set_mask_mode, sparse_layers
-
     check_method(method)
     if row_parallel_hessian not in ("gather", "shard"):
         raise ValueError("--row-parallel-hessian must be gather or shard")
@@ -256,10 +258,6 @@ def prune_model(model, forward_calibration, method: str, *, update: bool = False
 
 def available_tokens(data_path: list[str]) -> int:
     """Tokens in the indexed datasets named by ``--data-path`` (blend weights ignored)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    from maskllm_megatron.data.datasets import parse_blend
-
     prefixes, _ = parse_blend(data_path)
     total = 0
     for prefix in prefixes:
@@ -286,22 +284,6 @@ def prune_checkpoint(args) -> PruneReport:
     """``maskllm prune`` in the running process group: build the model at TP x PP, load dense
     weights, prune, save ``SAVE/pruned`` (weights times mask, or updated) and ``SAVE/masks``
     (masks only, for ``train --prior``)."""
-    import torch.distributed as dist
-
-    from maskllm_megatron import distributed
-    from maskllm_megatron.checkpoint.model import load_model, save_model
-    from maskllm_megatron.checkpoint.run_dir import model_dir
-    from maskllm_megatron.data.datasets import BatchLayout, build_gpt_datasets
-    from maskllm_megatron.data.tokenizer import load_tokenizer
-    from maskllm_megatron.model.build import build_model
-    from maskllm_megatron.model.config import ModelConfig, copy_model_files
-    from maskllm_megatron.model.layers import (
-        MaskSettings,
-        assign_layer_ids,
-        sparse_layers,
-    )
-    from maskllm_megatron.training.step import forward_passes
-
     method = check_method(args.method)
     pattern = NMPattern(args.N, args.M)
     layout = distributed.use_layout(args.tensor_model_parallel_size,

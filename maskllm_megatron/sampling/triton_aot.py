@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from maskllm_megatron.core.nm import NMPattern
+from maskllm_megatron.sampling import SampleSpec
 from maskllm_megatron.sampling import triton_kernel as tk
 from maskllm_megatron.sampling.noise import ShardGroups
 
@@ -92,8 +93,6 @@ def launch(call: Call, *, key: int = 0, rows: int = 1, groups: int = 1,
            tau: float = 1.0):
     """``(kernel, args, meta)`` the launcher builds for ``call`` on small CPU tensors, with the
     GPU launch configuration. ``offset`` elements in front make every input a misaligned view."""
-    from maskllm_megatron.sampling import SampleSpec
-
     pattern = NMPattern(*map(int, call.pattern.split(":")))
     dtype = DTYPES[call.dtype]
     c = pattern.num_candidates
@@ -120,14 +119,14 @@ def launch(call: Call, *, key: int = 0, rows: int = 1, groups: int = 1,
 @functools.cache
 def jit_function(kernel):
     """The ``JITFunction`` of a kernel (rebuilt from its source under the interpreter)."""
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import JITFunction  # optional: triton
 
     return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
 
 
 def _bind(fn, backend, args, meta):
     """Triton's binder on ``args``, with the options ``JITFunction.run`` adds (triton 3.9)."""
-    from triton import knobs
+    from triton import knobs  # optional: triton
     from triton.runtime.jit import create_function_from_signature
 
     kwargs = dict(meta, debug=meta.get("debug", fn.debug) or knobs.runtime.debug,
@@ -141,7 +140,7 @@ def _bind(fn, backend, args, meta):
 def variant_key(kernel, args, meta, arch: int = 90) -> str:
     """The kernel-cache key ``JITFunction.run`` computes for these arguments: one compiled
     variant per distinct key."""
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import GPUTarget  # optional: triton
     from triton.compiler import make_backend
     from triton.runtime.jit import compute_cache_key
 
@@ -173,7 +172,7 @@ def occupancy(registers: int, shared: int, num_warps: int, arch: int) -> float:
 def _resource_usage(cubin: bytes) -> dict:
     """Registers per thread and stack / local bytes per thread of a cubin (``cuobjdump``).
     Spilled registers live in the stack frame: no stack, no spills."""
-    from triton import knobs
+    from triton import knobs  # optional: triton
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
@@ -187,7 +186,7 @@ def _resource_usage(cubin: bytes) -> dict:
 def compile_variant(call: Call, arch: int) -> dict:
     """Compile the variant ``call`` launches for ``sm_<arch>``, as ``JITFunction._do_compile``
     would on that GPU; returns its resource usage and occupancy."""
-    import triton
+    import triton  # optional: triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 

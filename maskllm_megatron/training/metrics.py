@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from tqdm import tqdm
 
 from maskllm_megatron import distributed
 from maskllm_megatron.model.layers import sparse_layers
@@ -91,14 +92,12 @@ class TrainingLog:
             _drop_records_after(out / "train_log.jsonl", start)
             self.jsonl = (out / "train_log.jsonl").open("a")
         if args.tensorboard_dir:
-            try:
+            try:  # optional: tensorboard
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.board = SummaryWriter(args.tensorboard_dir)
             except ImportError:
                 print("tensorboard is not installed: no TensorBoard scalars")
-        from tqdm import tqdm
-
         self.bar = tqdm(total=args.train_iters, initial=start, desc="mask learning",
                         disable=not args.progress, dynamic_ncols=True)
         self.started = time.time()
@@ -151,7 +150,7 @@ def _drop_records_after(log_path: Path, iteration: int) -> None:
 
 def plot_training_log(log_path: Path, png_path: Path) -> Path | None:
     """Loss and flip-rate curves from a JSONL log."""
-    try:
+    try:  # optional: matplotlib
         import matplotlib
 
         matplotlib.use("Agg")
