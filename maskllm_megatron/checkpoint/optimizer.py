@@ -40,7 +40,8 @@ def save_moments(model, optimizer, path: str | Path) -> None:
 def load_moments(model, optimizer, path: str | Path, step_count: int) -> None:
     """Read the moments under ``path`` into ``optimizer``'s data-parallel slices."""
     params = optimizer.params()
-    empty = {id(p): {name: torch.empty(p.shape, dtype=getattr(optimizer.format, f"{name}_dtype"))
+    empty = {id(p): {name: torch.empty(p.shape, dtype=getattr(optimizer.format, f"{name}_dtype"),
+                                       device=p.device)
                      for name in MOMENTS} for p in params}
     loaded = dist_checkpointing.load(moment_entries(parameter_entries(model), params, empty),
                                      str(path))

@@ -76,8 +76,9 @@ def launch_config(pattern: NMPattern, interpret: bool = INTERPRET) -> dict:
 @functools.lru_cache(maxsize=64)
 def candidate_words(pattern: NMPattern, device: torch.device) -> torch.Tensor:
     """``[C]`` int32, bit ``k`` of word ``c`` set when candidate ``c`` keeps position ``k``."""
-    bits = pattern.candidates(torch.int32) << torch.arange(pattern.m, dtype=torch.int32)
-    return bits.sum(1, dtype=torch.int32).to(device)
+    bits = pattern.candidates(torch.int32, device) << torch.arange(pattern.m, dtype=torch.int32,
+                                                                   device=device)
+    return bits.sum(1, dtype=torch.int32)
 
 
 if triton is not None:

@@ -306,7 +306,8 @@ def _restore(args: TrainArgs, model, optimizer: ShardedAdamW, scaler, pattern: N
         load_moments(model, optimizer, resume / "optimizer", int(meta["optimizer_step"]))
         if scaler is not None and meta.get("loss_scaler"):
             with cuda_literals():
-                scaler.load_state_dict({k: torch.tensor([v]) if k == "scale" else v
+                scaler.load_state_dict({k: torch.tensor([v], device=distributed.device())
+                                        if k == "scale" else v
                                         for k, v in meta["loss_scaler"].items()})
         return int(meta["iteration"])
     if args.load:
