@@ -21,7 +21,12 @@ from maskllm_megatron.cli import (
     trim,
     validate,
 )
-from maskllm_megatron.cli.errors import command_name, run_reported, silence_fallback_warnings
+from maskllm_megatron.cli.errors import (
+    command_name,
+    debug_requested,
+    run_reported,
+    silence_fallback_warnings,
+)
 from maskllm_megatron.cli.options import HelpFormatter
 from maskllm_megatron.cli.recipe import apply_recipe
 
@@ -42,7 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in SUBCOMMANDS:
         command.add_parsers(sub)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    _add_debug_flag(sub)
     return parser
+
+
+DEBUG_HELP = "print the traceback of a user error too (also MASKLLM_DEBUG=1)"
+
+
+def _add_debug_flag(sub: argparse._SubParsersAction) -> None:
+    """``--debug`` after any (sub)command, as before it: ``maskllm train --debug ...``."""
+    for parser in dict.fromkeys(sub.choices.values()):
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        for action in nested:
+            _add_debug_flag(action)
+        if not nested:
+            parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                help=DEBUG_HELP)
 
 
 def _with_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser,
@@ -69,4 +90,5 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return run_reported(command_name(args), lambda: args.func(_with_recipe(args, parser, argv)))
+    return run_reported(command_name(args), lambda: args.func(_with_recipe(args, parser, argv)),
+                        debug=debug_requested(args))

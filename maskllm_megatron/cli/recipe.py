@@ -16,11 +16,13 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
+from maskllm_megatron.errors import InputError
+
 # Flags that are not settings: a recipe naming them is a mistake.
 NOT_SETTINGS = ("help", "version", "config")
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe the command cannot use (reported as one line, exit code 1)."""
 
 

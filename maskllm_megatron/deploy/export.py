@@ -33,6 +33,7 @@ from maskllm_megatron.core.nm import (
     unpack_indices,
 )
 from maskllm_megatron.deploy.validate import SPARSE_SUFFIXES, format_report, validate_trtllm
+from maskllm_megatron.errors import InputError
 from maskllm_megatron.interop.hf import (
     HF_CONFIG,
     TensorMapping,
@@ -47,7 +48,7 @@ from maskllm_megatron.model.layers import fix_masks, sparse_layers
 TRT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """The checkpoint cannot be exported as asked (not N:M, layout does not divide, ...)."""
 
 

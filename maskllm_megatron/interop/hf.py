@@ -33,6 +33,7 @@ from tqdm import tqdm
 from maskllm_megatron import distributed
 from maskllm_megatron.checkpoint.model import load_model, save_model
 from maskllm_megatron.checkpoint.run_dir import model_dir
+from maskllm_megatron.errors import InputError
 from maskllm_megatron.model.build import build_model
 from maskllm_megatron.model.config import ModelConfig, TransformerFields
 
@@ -44,7 +45,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "tokenizer.model", "vocab.json", "merges.txt")
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """Unsupported architecture, or a config that does not match the weights."""
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from maskllm_megatron.errors import InputError
+
 FILENAME = "model_config.json"
 VERSION = 2  # 1: no "version" key, optional sizes may be absent
 
@@ -48,7 +50,7 @@ POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 MODEL_FILES = (FILENAME, "hf_config.json", "tokenizer")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(InputError):
     """A model config field has the wrong type or an impossible value."""
 
 
