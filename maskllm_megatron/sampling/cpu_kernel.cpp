@@ -6,6 +6,10 @@
 //           mask = y @ candidates, out = W * mask, reg_tiles[t] = sum over tile t of (W * mask)^2
 // Backward: recomputes y from the same keys; writes d(logits) (or adds it to a gradient buffer
 //           of any float dtype: megatron's gradient-accumulation fusion) and optionally d(W).
+// Numerics: everything in fp32 (the regulariser summed in double per tile), each output rounded
+// once, to nearest even, to its dtype; within one ulp of a float64 reference for bf16/fp16 (see
+// cpu_kernel.py). Compiled with -ffast-math for glibc's vector logf/expf but linked without it,
+// so that crtfastmath.o does not set flush-to-zero for the whole process.
 #include <cmath>
 #include <cstdint>
 

@@ -62,3 +62,62 @@ def test_loading_and_running_the_kernel_keeps_subnormals():
         assert torch.isfinite(logits.grad).all() and main_grad.abs().sum() > 0
     flushed = [name for name, ok in subnormals_survive().items() if not ok]
     assert not flushed, f"the C++ kernel changed the process's float environment: {flushed}"
+
+
+X86 = "flags\t\t: fpu sse sse2 avx avx2 fma\nvmx flags\t: vnmi\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 sve\nCPU implementer\t: 0x41\n"
+
+
+def kernel_path_for(monkeypatch, tmp_path, cpuinfo_text, machine="x86_64"):
+    cpuinfo = tmp_path / f"cpuinfo-{abs(hash((cpuinfo_text, machine)))}"
+    if cpuinfo_text is not None:
+        cpuinfo.write_text(cpuinfo_text)
+    monkeypatch.setattr(cpu_kernel, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: machine)
+    return cpu_kernel.kernel_path("g++")
+
+
+def test_cache_key_follows_the_cpu_instruction_set(monkeypatch, tmp_path):
+    """A home directory shared by nodes with different CPUs: each CPU gets its own library."""
+    monkeypatch.setenv("MASKLLM_CACHE", str(tmp_path / "cache"))
+    x86 = kernel_path_for(monkeypatch, tmp_path, X86)
+    assert x86.parent == tmp_path / "cache" / "kernels"
+    # the same flag set (in another order, other lines around it): the same library
+    same = "model name\t: other\nflags\t\t: fma avx2 avx sse2 sse fpu\n"
+    assert kernel_path_for(monkeypatch, tmp_path, same) == x86
+    # one more instruction-set flag: another library
+    assert kernel_path_for(monkeypatch, tmp_path, X86.replace("fma", "fma avx512f")) != x86
+    # arm64 lists its features as "Features"
+    arm = kernel_path_for(monkeypatch, tmp_path, ARM, machine="aarch64")
+    assert arm != x86
+    assert kernel_path_for(monkeypatch, tmp_path, ARM, machine="aarch64") == arm
+    assert kernel_path_for(monkeypatch, tmp_path, ARM.replace(" sve", ""), "aarch64") != arm
+    # no /proc/cpuinfo: the machine and processor name, still a path of its own
+    fallback = kernel_path_for(monkeypatch, tmp_path, None)
+    assert fallback not in (x86, arm)
+    assert cpu_kernel._cpu_signature().startswith("x86_64")
+
+
+def test_signature_reads_this_cpus_flags():
+    words = cpu_kernel._cpu_signature().split()
+    if not cpu_kernel.CPUINFO.exists():
+        pytest.skip("no /proc/cpuinfo")
+    if cpu_kernel.platform.machine() == "x86_64":
+        assert "sse2" in words  # every x86-64 CPU has it
+    elif cpu_kernel.platform.machine() == "aarch64":
+        assert "fp" in words or "asimd" in words
+
+
+@pytest.mark.parametrize("machine,flags", [
+    ("x86_64", ["-march=native"]), ("AMD64", ["-march=native"]), ("aarch64", ["-mcpu=native"]),
+    ("arm64", ["-mcpu=native"]), ("ppc64le", ["-mcpu=native"]), ("riscv64", []),
+])
+def test_native_tuning_is_spelled_for_the_architecture(machine, flags):
+    assert cpu_kernel.arch_flags(machine) == flags
+
+
+def test_fast_math_only_at_compile_time():
+    """-ffast-math on the link line is what pulls in crtfastmath.o."""
+    assert "-ffast-math" in cpu_kernel.COMPILE_FLAGS
+    unsafe = ("-ffast-math", "-Ofast", "-funsafe-math-optimizations")
+    assert not set(unsafe) & set(cpu_kernel.LINK_FLAGS)
