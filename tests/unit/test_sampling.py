@@ -1,8 +1,18 @@
-"""The Gumbel mask sampler: every backend against a float64 reference written here."""
+"""The Gumbel mask sampler: every backend against a float64 reference written here.
 
+Against the reference, results are checked in ulps of the output dtype (``numerics``): bf16/fp16
+outputs within one ulp, fp32 ones within one ulp plus a bound on the fp32 arithmetic's error,
+because which neighbour a value next to a rounding boundary takes differs between CPUs. Bit
+equality is asserted only where the design promises it: the noise, the hard mask's choice of
+candidate, sharded against unsharded and any thread count with the same backend, and the fused
+gradient accumulation against ``main_grad.add_(gradient)``.
+"""
+
+import os
 
 import pytest
 import torch
+from numerics import assert_within_ulp
 
 from maskllm_megatron.core import nm
 from maskllm_megatron.core.nm import NMPattern
@@ -19,14 +29,20 @@ BACKENDS = ["torch", "cpu", "triton"]
 PATTERNS = [NMPattern(2, 4), NMPattern(1, 4), NMPattern(2, 8), NMPattern(4, 8)]
 
 
-def reference(weight, logits, pattern, tau, kappa, key, hard=False, shard=None):
-    """Float64, plain autograd, nothing fused: the definition the backends must reproduce."""
+def scores(weight, logits, pattern, tau, kappa, key, shard=None):
+    """Float64 ``z = (kappa * logits + g) / tau``, ``[groups, C]``."""
     out_dim, in_dim = weight.shape
     gpr = in_dim // pattern.m
     shard = (shard or ShardGroups()).resolve(out_dim, gpr)
     groups = shard.global_indices(0, out_dim, gpr)
     g = gumbel_noise(key, groups, pattern.num_candidates, torch.float64)
-    z = (kappa * logits.double().reshape(-1, pattern.num_candidates) + g) / tau
+    return (kappa * logits.double().reshape(-1, pattern.num_candidates) + g) / tau
+
+
+def reference(weight, logits, pattern, tau, kappa, key, hard=False, shard=None):
+    """Float64, plain autograd, nothing fused: the definition the backends must reproduce."""
+    out_dim, in_dim = weight.shape
+    z = scores(weight, logits, pattern, tau, kappa, key, shard)
     y = torch.softmax(z, -1)
     if hard:
         one_hot = torch.nn.functional.one_hot(z.argmax(-1), pattern.num_candidates).double()
@@ -34,6 +50,15 @@ def reference(weight, logits, pattern, tau, kappa, key, hard=False, shard=None):
     mask = (y @ pattern.candidates(torch.float64)).reshape(out_dim, in_dim)
     out = weight.double() * mask
     return out, out.square().sum()
+
+
+def fp32_mask_error(weight, logits, pattern, tau, kappa, key):
+    """A bound on the fp32 arithmetic's error in ``W * mask`` (a soft mask): the scores ``z`` are
+    rounded three times (about ``3 * 2**-24 |z|`` each, and differences of two enter ``exp``),
+    ``log``/``exp``, the sum and the division add a few fp32 ulps per softmax term, and the mask
+    is a sum of terms <= 1: ``|W| * (8 max|z| + C + 8) * 2**-24``."""
+    z = scores(weight, logits.detach(), pattern, tau, kappa, key).abs().max().item()
+    return weight.detach().double().abs() * (8 * z + pattern.num_candidates + 8) * 2.0**-24
 
 
 def random_case(pattern, rows=12, groups=10, seed=0, logit_std=0.01):
@@ -86,7 +111,8 @@ def test_fp32_backends_equal_float64_reference(backend, pattern):
     probe = torch.linspace(-1, 1, o_ref.numel(), dtype=torch.float64).reshape(o_ref.shape)
     ((o_ref * probe).sum() + 0.7 * r_ref).backward()
     assert out.dtype == torch.float32 and dl.dtype == torch.float32
-    torch.testing.assert_close(out.double(), o_ref.detach(), rtol=1e-5, atol=1e-5)
+    assert_within_ulp(out, o_ref, torch.float32,
+                      arithmetic=fp32_mask_error(weight, logits, pattern, **kw))
     torch.testing.assert_close(reg.double(), r_ref.detach(), rtol=1e-5, atol=1e-5)
     scale = l_ref.grad.abs().max().item()
     torch.testing.assert_close(dl.double(), l_ref.grad, rtol=1e-4, atol=1e-5 * scale)
@@ -104,7 +130,8 @@ def test_straight_through_hard_forward_is_an_exact_nm_mask(backend):
     probe = torch.linspace(-1, 1, o_ref.numel(), dtype=torch.float64).reshape(o_ref.shape)
     ((o_ref * probe).sum() + 0.7 * r_ref).backward()
     assert nm.is_nm_sparse(out, pattern)
-    assert torch.equal(out.double(), o_ref.detach())  # the argmax agrees group by group
+    assert torch.equal(out != 0, o_ref != 0)  # the argmax agrees group by group
+    assert_within_ulp(out, o_ref, torch.float32)  # W * 1 exactly; the reference W * (1 - y + y)
     scale = l_ref.grad.abs().max().item()
     torch.testing.assert_close(dl.double(), l_ref.grad, rtol=1e-4, atol=1e-5 * scale)
 
@@ -119,11 +146,12 @@ def test_half_precision_weights(backend, dtype):
     out, reg, dl, _ = run(backend, weight, logits, pattern, **kw)
     o_ref, r_ref = reference(weight.double(), logits.double(), pattern, **kw)
     assert out.dtype == dtype
-    if backend == "triton":  # the interpreter's fp32 -> bf16 cast may truncate: one ulp
-        ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
-        torch.testing.assert_close(out.double(), o_ref, rtol=ulp, atol=1e-6)
-    else:  # W * mask computed in fp32 and rounded to nearest once, exactly like torch
-        torch.testing.assert_close(out, o_ref.to(dtype), rtol=0, atol=0)
+    # W * mask computed in fp32 and rounded to nearest once: the correctly rounded value or, next
+    # to a rounding boundary, its neighbour (which one differs between CPUs: not bitwise)
+    slack = 0.0
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        slack = o_ref.abs() * 2.0**-20  # the interpreter truncates to bf16: < 1 ulp + fp32 error
+    assert_within_ulp(out, o_ref, dtype, arithmetic=slack)
     torch.testing.assert_close(reg.double(), r_ref, rtol=1e-5, atol=0)
     assert torch.isfinite(dl).all()
 
