@@ -130,7 +130,11 @@ def test_straight_through_hard_forward_is_an_exact_nm_mask(backend):
     probe = torch.linspace(-1, 1, o_ref.numel(), dtype=torch.float64).reshape(o_ref.shape)
     ((o_ref * probe).sum() + 0.7 * r_ref).backward()
     assert nm.is_nm_sparse(out, pattern)
-    assert torch.equal(out != 0, o_ref != 0)  # the argmax agrees group by group
+    # no near-ties in this data (best two scores >= 0.03 apart; fp32 rounds them by ~1e-5), so
+    # the argmax agrees group by group on every CPU
+    best = scores(weight, logits, pattern, kw["tau"], kw["kappa"], kw["key"]).topk(2, -1).values
+    assert (best[:, 0] - best[:, 1]).min() > 1e-3
+    assert torch.equal(out != 0, o_ref != 0)
     assert_within_ulp(out, o_ref, torch.float32)  # W * 1 exactly; the reference W * (1 - y + y)
     scale = l_ref.grad.abs().max().item()
     torch.testing.assert_close(dl.double(), l_ref.grad, rtol=1e-4, atol=1e-5 * scale)
