@@ -2,8 +2,8 @@
 
 Why not a torch extension: ``torch.utils.cpp_extension`` spends ~30 s compiling torch headers per
 machine and ``torch.compile`` did not finish within minutes on this integer-heavy function; a
-plain C++ file builds in about a second. The library is cached under
-``$MASKLLM_CACHE`` (default ``~/.cache/maskllm``) keyed by source, flags, compiler and the CPU's
+plain C++ file builds in about a second. The library is cached under ``$MASKLLM_CACHE``
+(default ``~/.cache/maskllm``) keyed by source, flags, compiler (path and version) and the CPU's
 instruction-set flags (``/proc/cpuinfo``: ``flags`` on x86-64, ``Features`` on arm64), so a home
 directory shared by nodes with different CPUs never loads a kernel built for another CPU; it is
 written atomically so concurrent ranks never load a half-written file. Without a compiler the
@@ -101,11 +101,23 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+@functools.cache
+def _compiler_version(cxx: str) -> str:
+    """The compiler's own banner (``g++ --version``): an upgraded compiler at the same path
+    builds afresh."""
+    try:
+        proc = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return proc.stdout.partition("\n")[0]
+
+
 def kernel_path(cxx: str) -> Path:
     """Where the library built by ``cxx`` for this CPU is cached."""
     digest = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(COMPILE_FLAGS + arch_flags()).encode(),
-                 " ".join(LINK_FLAGS).encode(), cxx.encode(), _cpu_signature().encode()):
+                 " ".join(LINK_FLAGS).encode(), cxx.encode(), _compiler_version(cxx).encode(),
+                 _cpu_signature().encode()):
         digest.update(part)
         digest.update(b"\0")
     return cache_dir() / "kernels" / f"gumbel_mask_{digest.hexdigest()[:16]}.so"

@@ -121,3 +121,14 @@ def test_fast_math_only_at_compile_time():
     assert "-ffast-math" in cpu_kernel.COMPILE_FLAGS
     unsafe = ("-ffast-math", "-Ofast", "-funsafe-math-optimizations")
     assert not set(unsafe) & set(cpu_kernel.LINK_FLAGS)
+
+
+def test_cache_key_follows_the_compiler_version(monkeypatch, tmp_path):
+    """An upgraded compiler at the same path builds its own library."""
+    monkeypatch.setenv("MASKLLM_CACHE", str(tmp_path / "cache"))
+    cxx = "/usr/bin/g++"
+    monkeypatch.setattr(cpu_kernel, "_compiler_version", lambda _: "g++ (Debian 12.2.0-14) 12.2.0")
+    old = cpu_kernel.kernel_path(cxx)
+    assert cpu_kernel.kernel_path(cxx) == old
+    monkeypatch.setattr(cpu_kernel, "_compiler_version", lambda _: "g++ (Debian 13.1.0-1) 13.1.0")
+    assert cpu_kernel.kernel_path(cxx) != old
