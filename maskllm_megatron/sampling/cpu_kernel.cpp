@@ -261,6 +261,11 @@ extern "C" {
 
 int maskllm_limits(int which) { return which == 0 ? kMaxC : which == 1 ? kMaxM : kTile; }
 
+// The generator the kernel draws its noise from, for known-answer tests: counters[4] in place.
+void maskllm_philox(uint32_t k0, uint32_t k1, uint32_t* counters) {
+  philox(k0, k1, counters[0], counters[1], counters[2], counters[3]);
+}
+
 int maskllm_gumbel_forward(const void* w, int dtype, const float* logits, const int64_t* positions,
                            int64_t rows, int64_t gpr, int C, int N, int M, int64_t row_offset,
                            int64_t gcol_offset, int64_t groups_per_row, uint64_t key, float kappa,

@@ -158,7 +158,16 @@ def load() -> ctypes.CDLL | None:
     lib.maskllm_gumbel_forward.restype = _int
     lib.maskllm_gumbel_backward.restype = _int
     lib.maskllm_limits.restype = _int
+    lib.maskllm_philox.argtypes = [ctypes.c_uint32, ctypes.c_uint32, _ptr]
+    lib.maskllm_philox.restype = None
     return lib
+
+
+def philox4x32(key: int, counter: tuple[int, int, int, int]) -> tuple[int, ...]:
+    """One Philox4x32-10 block from the compiled kernel's own generator (known-answer tests)."""
+    words = (ctypes.c_uint32 * 4)(*counter)
+    load().maskllm_philox(key & 0xFFFFFFFF, key >> 32, words)
+    return tuple(words)
 
 
 def available() -> bool:
