@@ -30,7 +30,11 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 
 from maskllm_megatron import distributed
-from maskllm_megatron.checkpoint.safe_load import load_sharded, read_tensors_metadata
+from maskllm_megatron.checkpoint.safe_load import (
+    load_sharded,
+    read_json,
+    read_tensors_metadata,
+)
 from maskllm_megatron.core.nm import NMPattern
 from maskllm_megatron.errors import CheckpointError, InputError
 from maskllm_megatron.model.build import build_model
@@ -159,11 +163,7 @@ def read_sidecar(path: str | Path) -> dict | None:
     sidecar = Path(path) / SIDECAR
     if not sidecar.exists():
         return None
-    try:
-        data = json.loads(sidecar.read_text())
-    except ValueError as err:  # JSON and Unicode errors
-        raise CheckpointError(f"{sidecar}: not valid JSON ({err}); the checkpoint is corrupted, "
-                              "write it again") from None
+    data = read_json(sidecar)
     if not isinstance(data, dict) or not isinstance(data.get("mask_tensors", {}), dict):
         raise CheckpointError(f"{sidecar}: not a maskllm checkpoint description; the checkpoint "
                               "is corrupted, write it again")

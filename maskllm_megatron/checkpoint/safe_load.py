@@ -64,7 +64,7 @@ METADATA_GLOBALS = frozenset({
     ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id: where it was written
 })
 
-_TRUST = ("it was not read; use checkpoints from a source you trust, or convert the model "
+_TRUST = ("it was not loaded; use checkpoints from a source you trust, or convert the model "
           "again from its Hugging Face weights")
 
 
@@ -112,6 +112,17 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
     return metadata
 
 
+def read_json(path: str | Path):
+    """A JSON file of a checkpoint or model directory; one that does not parse is a
+    :class:`CheckpointError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # JSON and Unicode errors
+        raise CheckpointError(f"{path}: not valid JSON ({err}); the file is truncated or "
+                              "corrupted, write it again") from None
+
+
 def check_format(path: str | Path) -> Path:
     """``path`` is a megatron-core ``torch_dist`` checkpoint (its ``metadata.json`` says so)."""
     path = Path(path)
@@ -119,11 +130,8 @@ def check_format(path: str | Path) -> Path:
     if not config.is_file():
         raise CheckpointError(f"{path} is not a megatron-core distributed checkpoint (no "
                               f"{CONFIG_FILE})")
-    try:
-        backend = json.loads(config.read_text()).get("sharded_backend")
-    except (ValueError, AttributeError) as err:  # JSON and Unicode errors; not an object
-        raise CheckpointError(f"{config}: not a checkpoint description ({err}); the checkpoint "
-                              "is corrupted, write it again") from None
+    described = read_json(config)
+    backend = described.get("sharded_backend") if isinstance(described, dict) else None
     if backend != "torch_dist":
         raise CheckpointError(f"{config}: a {backend!r} checkpoint; only megatron-core's "
                               "torch_dist format is read (resave it with megatron-core >= 0.7)")
@@ -190,14 +198,8 @@ class SafeLoadPlanner(MCoreLoadPlanner):
                                       "another model")
 
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        try:
-            loaded = torch.load(value, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - UnpicklingError for a refused global, ...
-            file = self.directory / self.metadata.storage_data[read_item.storage_index] \
-                .relative_path
-            raise CheckpointError(
-                f"{file}: the object {read_item.dest_index.fqn} cannot be read safely "
-                f"({type(err).__name__}: {_first_line(err)}); {_TRUST}") from None
+        file = self.directory / self.metadata.storage_data[read_item.storage_index].relative_path
+        loaded = torch_load_safely(value, f"{file} (object {read_item.dest_index.fqn})")
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn],
                         loaded)
@@ -207,6 +209,24 @@ class SafeLoadPlanner(MCoreLoadPlanner):
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0]
+
+
+def torch_load_safely(file, name, **kwargs):
+    """``torch.load(file, weights_only=True)`` on the CPU; a refusal or a file that does not
+    decode is a :class:`CheckpointError` naming ``name`` (the file, by default)."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - UnpicklingError, EOFError, a bad zip, ...
+        text = str(err)
+        if "WeightsUnpickler error:" in text:  # torch's refusal: say what it refused
+            detail = text.split("WeightsUnpickler error:", 1)[1].strip().split(". Please")[0]
+            raise CheckpointError(f"{name}: holds a pickle that torch.load(weights_only=True) "
+                                  f"refuses ({detail.splitlines()[0]}); it could run code, so "
+                                  f"{_TRUST}") from None
+        raise CheckpointError(f"{name}: not readable ({type(err).__name__}: {_first_line(err)});"
+                              " the file is truncated or corrupted, write it again") from None
 
 
 class SafeTorchDistLoad(TorchDistLoadShardedStrategy):
@@ -293,11 +313,7 @@ class SafeCommonLoad(TorchCommonLoadStrategy):
         if not file.is_file():
             raise CheckpointError(f"{file}: missing; the checkpoint is incomplete, write it "
                                   "again")
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - UnpicklingError, EOFError, a bad zip, ...
-            raise CheckpointError(f"{file}: cannot be read safely ({type(err).__name__}: "
-                                  f"{_first_line(err)}); {_TRUST}") from None
+        return torch_load_safely(file, file)
 
     def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
         raise CheckpointError(f"{checkpoint_dir}: sharded objects are read from the "
