@@ -213,19 +213,22 @@ def _first_line(err: BaseException) -> str:
 
 def torch_load_safely(file, name, **kwargs):
     """``torch.load(file, weights_only=True)`` on the CPU; a refusal or a file that does not
-    decode is a :class:`CheckpointError` naming ``name`` (the file, by default)."""
+    decode is a :class:`CheckpointError` naming ``name`` (the file, or where in it)."""
     try:
         return torch.load(file, map_location="cpu", weights_only=True, **kwargs)
     except FileNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001 - UnpicklingError, EOFError, a bad zip, ...
         text = str(err)
-        if "WeightsUnpickler error:" in text:  # torch's refusal: say what it refused
+        detail = _first_line(err)
+        if "WeightsUnpickler error:" in text:  # torch's unpickler: say what it stopped at
             detail = text.split("WeightsUnpickler error:", 1)[1].strip().split(". Please")[0]
-            raise CheckpointError(f"{name}: holds a pickle that torch.load(weights_only=True) "
-                                  f"refuses ({detail.splitlines()[0]}); it could run code, so "
-                                  f"{_TRUST}") from None
-        raise CheckpointError(f"{name}: not readable ({type(err).__name__}: {_first_line(err)});"
+            detail = (detail.splitlines() or [""])[0]
+            if "global" in detail.lower():  # a class or function to call: code, refused
+                raise CheckpointError(f"{name}: holds a pickle that torch.load(weights_only="
+                                      f"True) refuses ({detail}); it could run code, so "
+                                      f"{_TRUST}") from None
+        raise CheckpointError(f"{name}: not readable ({type(err).__name__}: {detail});"
                               " the file is truncated or corrupted, write it again") from None
 
 
