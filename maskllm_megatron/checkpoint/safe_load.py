@@ -47,8 +47,9 @@ METADATA_FILE = ".metadata"
 CONFIG_FILE = "metadata.json"
 
 # Everything a torch_dist ``.metadata`` refers to, found by listing the globals of the files
-# our writers produce (model, optimizer moments, masks-only prior, trimmed, converted) and of
-# megatron's own writer; plus every ``torch.<dtype>`` (see :meth:`MetadataUnpickler.find_class`).
+# our writers produce (model, optimizer moments, masks-only prior, trimmed, converted, and the
+# old ones with ``_extra_state`` byte items; megatron's own writer pickles the same Metadata);
+# plus every ``torch.<dtype>`` (see :meth:`MetadataUnpickler.find_class`).
 METADATA_GLOBALS = frozenset({
     ("torch.distributed.checkpoint.metadata", "Metadata"),
     ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
@@ -77,6 +78,8 @@ class MetadataUnpickler(pickle.Unpickler):
         self.name = name
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("pathlib._local", "PosixPath"):  # written by Python >= 3.13
+            module = "pathlib"
         if (module, name) in METADATA_GLOBALS or (
                 module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
@@ -171,9 +174,7 @@ class SafeFileSystemReader(dcp.FileSystemReader):
                 raise CheckpointError(f"{self.directory / name}: missing; the checkpoint is "
                                       "incomplete, write it again") from None
             except Exception as err:  # noqa: BLE001 - a data file that does not decode
-                raise CheckpointError(
-                    f"{self.directory / name}: not readable ({type(err).__name__}: {err}); the "
-                    "checkpoint is truncated, corrupted or unsafe, write it again") from None
+                raise _unreadable(self.directory / name, err) from None
         return future if future is not None else super().read_data(plan, planner)
 
 
@@ -219,17 +220,21 @@ def torch_load_safely(file, name, **kwargs):
     except FileNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001 - UnpicklingError, EOFError, a bad zip, ...
-        text = str(err)
-        detail = _first_line(err)
-        if "WeightsUnpickler error:" in text:  # torch's unpickler: say what it stopped at
-            detail = text.split("WeightsUnpickler error:", 1)[1].strip().split(". Please")[0]
-            detail = (detail.splitlines() or [""])[0]
-            if "global" in detail.lower():  # a class or function to call: code, refused
-                raise CheckpointError(f"{name}: holds a pickle that torch.load(weights_only="
-                                      f"True) refuses ({detail}); it could run code, so "
-                                      f"{_TRUST}") from None
-        raise CheckpointError(f"{name}: not readable ({type(err).__name__}: {detail});"
-                              " the file is truncated or corrupted, write it again") from None
+        raise _unreadable(name, err) from None
+
+
+def _unreadable(name, err: Exception) -> CheckpointError:
+    """What to say about ``name`` that torch could not load: a global torch's weights-only
+    unpickler refused (code), or a file that does not decode."""
+    text, detail = str(err), _first_line(err)
+    if "WeightsUnpickler error:" in text:  # torch's unpickler: say what it stopped at
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split(". Please")[0]
+        detail = (detail.splitlines() or [""])[0]
+        if "global" in detail.lower():  # a class or function to call: code, refused
+            return CheckpointError(f"{name}: holds a pickle that torch.load(weights_only=True) "
+                                   f"refuses ({detail}); it could run code, so {_TRUST}")
+    return CheckpointError(f"{name}: not readable ({type(err).__name__}: {detail}); the file "
+                           "is truncated or corrupted, write it again")
 
 
 class SafeTorchDistLoad(TorchDistLoadShardedStrategy):

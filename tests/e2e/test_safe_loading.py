@@ -164,6 +164,26 @@ def test_a_planted_pytorch_model_bin_is_refused(built, tmp_path, capsys):
                       "--no-progress"], hf / "pytorch_model.bin", marker)
 
 
+def test_a_tensor_replaced_by_a_pickle_is_refused(built, tmp_path, capsys):
+    """A tensor's bytes in a ``.distcp`` file swapped for a pickle: torch reads tensors with
+    weights_only=True, and the refusal names the file."""
+    checkpoint = _copy(built, tmp_path, "pruned/pruned")
+    marker = tmp_path / "marker"
+    distcp = sorted(checkpoint.glob("*.distcp"))[0]
+    payload = io.BytesIO()
+    torch.save(Planted(marker), payload)
+    offset = distcp.stat().st_size
+    with open(distcp, "ab") as f:
+        f.write(payload.getvalue())
+    with open(checkpoint / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    index = next(i for i in metadata.storage_data if i.fqn.endswith("linear_proj.weight"))
+    metadata.storage_data[index] = _StorageInfo(distcp.name, offset, len(payload.getvalue()))
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+    _refused(capsys, ["convert", "mcore-to-hf", "--mcore", str(checkpoint), "--out",
+                      str(tmp_path / "out"), "--no-progress"], distcp, marker)
+
+
 def test_the_command_line_refuses_in_its_own_process(built, tmp_path):
     checkpoint = _copy(built, tmp_path, "pruned/pruned")
     marker = tmp_path / "marker"
