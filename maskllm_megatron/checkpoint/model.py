@@ -17,7 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedTensor,
+    ShardedTensorFactory,
+)
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     TorchDistSaveShardedStrategy,
@@ -26,7 +30,13 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 
 from maskllm_megatron import distributed
+from maskllm_megatron.checkpoint.safe_load import (
+    load_sharded,
+    read_json,
+    read_tensors_metadata,
+)
 from maskllm_megatron.core.nm import NMPattern
+from maskllm_megatron.errors import CheckpointError, InputError
 from maskllm_megatron.model.build import build_model
 from maskllm_megatron.model.layers import (
     MaskSettings,
@@ -90,15 +100,31 @@ class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
 
 def write_sharded(sharded_state_dict, path: str | Path) -> None:
     """``dist_checkpointing.save`` without starting a process (:class:`InProcessTorchDistSave`);
-    megatron's loader reads the result like any ``torch_dist`` checkpoint."""
-    dist_checkpointing.save(sharded_state_dict, str(path),
+    megatron's loader reads the result like any ``torch_dist`` checkpoint. Modules'
+    ``_extra_state`` objects are left out: pickled byte items nothing here reads (TE's fp8
+    metadata, None for megatron's local modules), so a checkpoint holds tensors only."""
+    dist_checkpointing.save(without_extra_state(sharded_state_dict), str(path),
                             sharded_strategy=InProcessTorchDistSave())
+
+
+def without_extra_state(tree):
+    """``tree`` without megatron's ``_extra_state`` ShardedObjects."""
+    if isinstance(tree, dict):
+        return {name: without_extra_state(value) for name, value in tree.items()
+                if not _is_extra_state(value)}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(without_extra_state(v) for v in tree if not _is_extra_state(v))
+    return tree
+
+
+def _is_extra_state(item) -> bool:
+    return isinstance(item, ShardedObject) and item.key.endswith("_extra_state")
 
 
 def _pattern_of(model) -> str | None:
     patterns = {str(layer.mask_settings.pattern) for _, layer in sparse_layers(model)}
     if len(patterns) > 1:
-        raise ValueError(f"model mixes N:M patterns {sorted(patterns)}")
+        raise InputError(f"model mixes N:M patterns {sorted(patterns)}")
     return patterns.pop() if patterns else None
 
 
@@ -133,8 +159,15 @@ def save_model(model, path: str | Path, masks_only: bool = False) -> None:
 
 
 def read_sidecar(path: str | Path) -> dict | None:
+    """The checkpoint's ``maskllm.json`` (None when it has none)."""
     sidecar = Path(path) / SIDECAR
-    return json.loads(sidecar.read_text()) if sidecar.exists() else None
+    if not sidecar.exists():
+        return None
+    data = read_json(sidecar)
+    if not isinstance(data, dict) or not isinstance(data.get("mask_tensors", {}), dict):
+        raise CheckpointError(f"{sidecar}: not a maskllm checkpoint description; the checkpoint "
+                              "is corrupted, write it again")
+    return data
 
 
 def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
@@ -150,16 +183,16 @@ def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
         raise ValueError(f"missing_masks must be 'error' or 'keep', got {missing_masks!r}")
     path = Path(path)
     if not (path / "metadata.json").exists():
-        raise FileNotFoundError(f"{path} is not a megatron-core distributed checkpoint "
-                                "(no metadata.json)")
+        raise CheckpointError(f"{path} is not a megatron-core distributed checkpoint "
+                              "(no metadata.json)")
     pattern = _pattern_of(model)
     sidecar = read_sidecar(path)
     if sidecar and sidecar.get("pattern") and pattern and sidecar["pattern"] != pattern:
-        raise ValueError(f"checkpoint {path} holds {sidecar['pattern']} masks but the model is "
-                         f"built for {pattern}")
+        raise CheckpointError(f"checkpoint {path} holds {sidecar['pattern']} masks but the "
+                              f"model is built for {pattern}")
     chunks = model if isinstance(model, (list, tuple)) else [model]
     sharded = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
-    stored = dist_checkpointing.load_tensors_metadata(str(path))
+    stored = read_tensors_metadata(path)
     missing = []
     for key, shape in mask_tensor_shapes(sharded).items():
         if key not in stored:
@@ -167,11 +200,11 @@ def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
             continue
         found = tuple(stored[key].global_shape)
         if found != shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path}: {key} has global shape {list(found)} but the model expects "
                 f"{list(shape)} for {pattern} (N:M mismatch or a different model)")
     if missing and missing_masks == "error":
-        raise ValueError(f"checkpoint {path} has no mask tensors for {len(missing)} sparse "
+        raise CheckpointError(f"checkpoint {path} has no mask tensors for {len(missing)} sparse "
                          f"tensors, e.g. {missing[0]}; pass missing_masks='keep' to start "
                          "mask learning from a dense checkpoint")
     if missing:
@@ -181,7 +214,7 @@ def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
     # on the CPU) then loads into the other, and no mask-learning run uses fp8
     sharded = _drop_keys(sharded, {str(getattr(item, "key", "")) for item in _walk(sharded)
                                    if str(getattr(item, "key", "")).endswith("_extra_state")})
-    state = dist_checkpointing.load(sharded, str(path))
+    state = load_sharded(sharded, path)
     unexpected, absent = [], []
     for i, chunk in enumerate(chunks):
         result = chunk.load_state_dict(state[f"model{i}"], strict=False)
@@ -189,7 +222,7 @@ def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
         absent += [k for k in result.missing_keys if not k.endswith(MASK_SUFFIXES)
                    and not k.endswith("_extra_state")]
     if unexpected or absent:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {absent[:5]}, "
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {absent[:5]}, "
                          f"unexpected {unexpected[:5]}")
 
 

@@ -7,9 +7,9 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from megatron.core import dist_checkpointing
 
 from maskllm_megatron.checkpoint.model import parameter_entries, write_sharded
+from maskllm_megatron.checkpoint.safe_load import load_sharded
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -43,7 +43,6 @@ def load_moments(model, optimizer, path: str | Path, step_count: int) -> None:
     empty = {id(p): {name: torch.empty(p.shape, dtype=getattr(optimizer.format, f"{name}_dtype"),
                                        device=p.device)
                      for name in MOMENTS} for p in params}
-    loaded = dist_checkpointing.load(moment_entries(parameter_entries(model), params, empty),
-                                     str(path))
+    loaded = load_sharded(moment_entries(parameter_entries(model), params, empty), path)
     optimizer.load_moments({id(p): {name: loaded[f"{name}:{index}"] for name in MOMENTS}
                             for index, p in enumerate(params)}, step_count)

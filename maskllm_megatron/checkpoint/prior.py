@@ -6,12 +6,12 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from maskllm_megatron.checkpoint.model import parameter_entries
+from maskllm_megatron.checkpoint.safe_load import load_sharded, read_tensors_metadata
 from maskllm_megatron.core.nm import apply_prior, indices_to_mask
-from maskllm_megatron.errors import TrainingError
+from maskllm_megatron.errors import CheckpointError
 from maskllm_megatron.model.layers import LOGITS_INIT_STD, sparse_layers
 
 
@@ -20,7 +20,7 @@ def apply_prior_checkpoint(model, path: str | Path, strength: float) -> None:
     """Bias the logits towards the hard masks stored in ``path``: fixed masks
     (``mask_indices``, e.g. a trimmed run or a one-shot pruner) or the argmax of another
     run's logits (the paper's downstream transfer). Works at any TP x PP layout."""
-    stored = dist_checkpointing.load_tensors_metadata(str(path))
+    stored = read_tensors_metadata(path)
     entries = parameter_entries(model)
     request, kinds = {}, {}
     layers = [layer for _, layer in sparse_layers(model)]
@@ -36,8 +36,9 @@ def apply_prior_checkpoint(model, path: str | Path, strength: float) -> None:
                 torch.empty(entry.data.shape[:-1], dtype=torch.uint8, device=entry.data.device))
             kinds[index] = "indices"
         else:
-            raise TrainingError(f"prior {path} has no mask for {entry.key}")
-    loaded = dist_checkpointing.load(request, str(path))
+            raise CheckpointError(f"prior {path} has no mask for {entry.key}; it was written for "
+                                  "another model")
+    loaded = load_sharded(request, path)
     for index, layer in enumerate(layers):
         value = loaded[str(index)]
         indices = value.argmax(-1) if kinds[index] == "logits" else value.long()

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 
-from maskllm_megatron.errors import TrainingError
+from maskllm_megatron.checkpoint.safe_load import read_json
+from maskllm_megatron.errors import CheckpointError
 
 TRAIN_STATE = "train_state.json"
+STATE_KEYS = frozenset({"iteration", "pattern", "seed", "optimizer_step"})
 
 
 def write_checkpoint(root: str | Path, iteration: int, write_tensors, train_state: dict,
@@ -51,7 +54,12 @@ def write_checkpoint(root: str | Path, iteration: int, write_tensors, train_stat
 
 
 def read_train_state(checkpoint: str | Path) -> dict:
-    return json.loads((Path(checkpoint) / TRAIN_STATE).read_text())
+    path = Path(checkpoint) / TRAIN_STATE
+    state = read_json(path)
+    if not isinstance(state, dict) or not STATE_KEYS <= state.keys():
+        raise CheckpointError(f"{path}: not a training run's state (needs {sorted(STATE_KEYS)}); "
+                              "the run directory is corrupted, resume from another --save")
+    return state
 
 
 def latest_checkpoint(root: str | Path | None) -> Path | None:
@@ -60,9 +68,16 @@ def latest_checkpoint(root: str | Path | None) -> Path | None:
     pointer = Path(root) / "latest"
     if not pointer.exists():
         return None
-    path = Path(root) / pointer.read_text().strip()
-    if not (path / "train_state.json").exists():
-        raise TrainingError(f"{pointer} names {path.name}, which is incomplete or missing")
+    try:
+        name = pointer.read_text().strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not re.fullmatch(r"iter_\d{7}", name):
+        raise CheckpointError(f"{pointer}: does not name an iter_NNNNNNN checkpoint; the run "
+                              "directory is corrupted, point it at a complete checkpoint")
+    path = Path(root) / name
+    if not (path / TRAIN_STATE).exists():
+        raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing")
     return path
 
 

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from maskllm_megatron import distributed
 from maskllm_megatron.checkpoint.model import load_sparse_model, save_model
 from maskllm_megatron.checkpoint.run_dir import model_dir
+from maskllm_megatron.checkpoint.safe_load import read_json
 from maskllm_megatron.core.nm import (
     NMPattern,
     bits_per_weight,
@@ -33,7 +34,7 @@ from maskllm_megatron.core.nm import (
     unpack_indices,
 )
 from maskllm_megatron.deploy.validate import SPARSE_SUFFIXES, format_report, validate_trtllm
-from maskllm_megatron.errors import InputError
+from maskllm_megatron.errors import CheckpointError, InputError
 from maskllm_megatron.interop.hf import (
     HF_CONFIG,
     TensorMapping,
@@ -356,7 +357,7 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     if mode == "dense":
         raise ExportError(f"{load} holds no masks (a dense checkpoint)")
     if (config_dir / HF_CONFIG).exists():
-        hf = json.loads((config_dir / HF_CONFIG).read_text())
+        hf = read_json(config_dir / HF_CONFIG)
     else:
         hf = hf_config_from_model_config(cfg)
     state = masked_state(model)
@@ -400,17 +401,22 @@ def load_packed_masks(directory: str | Path) -> dict[str, torch.Tensor]:
     """HF parameter name -> boolean mask (True = kept), from ``nm_masks.safetensors``."""
     path = Path(directory) / MASKS_FILE
     masks = {}
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        pattern = NMPattern.parse(meta["pattern"])
-        layout = json.loads(meta["layout"])
-        for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-            info = layout[name]
-            shape = info["shape"][::-1] if info["transposed"] else info["shape"]
-            count = shape[0] * shape[1] // pattern.m
-            indices = unpack_indices(f.get_tensor(name).numpy(), pattern.num_candidates, count)
-            mask = indices_to_mask(indices.reshape(shape[0], shape[1] // pattern.m), pattern)
-            masks[name] = (mask.t() if info["transposed"] else mask).bool()
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            pattern = NMPattern.parse(meta["pattern"])
+            layout = json.loads(meta["layout"])
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                info = layout[name]
+                shape = info["shape"][::-1] if info["transposed"] else info["shape"]
+                count = shape[0] * shape[1] // pattern.m
+                indices = unpack_indices(f.get_tensor(name).numpy(), pattern.num_candidates,
+                                         count)
+                mask = indices_to_mask(indices.reshape(shape[0], shape[1] // pattern.m), pattern)
+                masks[name] = (mask.t() if info["transposed"] else mask).bool()
+    except (SafetensorError, KeyError, TypeError, ValueError, IndexError) as err:
+        raise CheckpointError(f"{path}: not a packed mask file ({type(err).__name__}: {err}); "
+                              "export the model again with `maskllm export hf`") from None
     return masks
 
 

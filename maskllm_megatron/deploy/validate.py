@@ -67,10 +67,22 @@ class SafetensorsFile:
         (length,) = struct.unpack("<Q", raw[:8])
         if 8 + length > len(raw):
             raise ValueError(f"{path.name}: header length {length} runs past the file")
-        header = json.loads(raw[8:8 + length])
+        try:
+            header = json.loads(raw[8:8 + length])
+        except ValueError as err:  # JSON and Unicode errors
+            raise ValueError(f"{path.name}: the header is not JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path.name}: the header is a JSON {type(header).__name__}, not "
+                             "an object")
         header.pop("__metadata__", None)
         self.data = memoryview(raw)[8 + length:]
         self.tensors: dict[str, dict] = header
+        for name, info in header.items():
+            if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+                    and _ints(info.get("shape")) and _ints(info.get("data_offsets"))
+                    and len(info["data_offsets"]) == 2):
+                raise ValueError(f"{path.name}: header entry {name} lacks a dtype, an integer "
+                                 "shape or two data_offsets")
         spans = sorted((tuple(v["data_offsets"]), k) for k, v in header.items())
         position = 0
         for (start, stop), name in spans:
@@ -96,6 +108,10 @@ class SafetensorsFile:
     def raw(self, name: str) -> bytes:
         start, stop = self.tensors[name]["data_offsets"]
         return bytes(self.data[start:stop])
+
+
+def _ints(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
 
 
 def _nonzero(bits: np.ndarray) -> np.ndarray:
@@ -260,8 +276,10 @@ def read_rank_files(directory: Path, world: int) -> tuple[dict[int, SafetensorsF
     for i in range(world):
         try:
             files[i] = SafetensorsFile(directory / f"rank{i}.safetensors")
-        except (ValueError, json.JSONDecodeError) as err:
+        except ValueError as err:  # the header or offsets (messages name the file)
             bad.append(str(err))
+        except OSError as err:
+            bad.append(f"rank{i}.safetensors: {err.strerror or err}")
     return files, bad
 
 

@@ -26,14 +26,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from maskllm_megatron import distributed
 from maskllm_megatron.checkpoint.model import load_model, save_model
 from maskllm_megatron.checkpoint.run_dir import model_dir
-from maskllm_megatron.errors import InputError
+from maskllm_megatron.checkpoint.safe_load import read_json, torch_load_safely
+from maskllm_megatron.errors import CheckpointError, InputError
 from maskllm_megatron.model.build import build_model
 from maskllm_megatron.model.config import ModelConfig, TransformerFields
 
@@ -341,17 +342,17 @@ class HFReader:
         index = directory / "model.safetensors.index.json"
         single = directory / "model.safetensors"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            for name, file in weight_map.items():
-                self.where[name] = file
+            self.where = _weight_map(index)
         elif single.exists():
-            self.where = {}
-            with safe_open(str(single), "pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    self.where[name] = single.name
+            with _open_safetensors(single) as f:
+                self.where = {name: single.name for name in f.keys()}  # noqa: SIM118
         elif (directory / "pytorch_model.bin").exists():
-            self.state = torch.load(directory / "pytorch_model.bin", map_location="cpu",
-                                    weights_only=True, mmap=True)
+            file = directory / "pytorch_model.bin"
+            self.state = torch_load_safely(file, file, mmap=True)
+            if not isinstance(self.state, dict) or not all(
+                    isinstance(v, torch.Tensor) for v in self.state.values()):
+                raise CheckpointError(f"{file}: not a state dict of tensors; save the model "
+                                      "with save_pretrained")
             self.where = {name: "pytorch_model.bin" for name in self.state}
         else:
             raise FileNotFoundError(f"{directory} has no model.safetensors(.index.json) or "
@@ -369,9 +370,14 @@ class HFReader:
         if file == "pytorch_model.bin":
             tensor = self.state[name]
         else:
+            path = self.directory / file
             if file not in self.files:
-                self.files[file] = safe_open(str(self.directory / file), "pt")
-            tensor = self.files[file].get_tensor(name)
+                self.files[file] = _open_safetensors(path)
+            try:
+                tensor = self.files[file].get_tensor(name)
+            except SafetensorError as err:
+                raise CheckpointError(f"{path}: cannot read {name} ({err}); the file is "
+                                      "truncated or corrupted") from None
         self.read.append(f"{name} {list(tensor.shape)}")
         return tensor
 
@@ -379,6 +385,26 @@ class HFReader:
         ignorable = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
         return sorted(n for n in self.where if n not in self.used and not n.endswith(ignorable)
                       and not (n == "lm_head.weight"))
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """Tensor name -> file, from a sharded checkpoint's index; files must lie beside it."""
+    index_data = read_json(index)
+    weight_map = index_data.get("weight_map") if isinstance(index_data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) and Path(f).name == f for f in weight_map.values()):
+        raise CheckpointError(f"{index}: not a safetensors index (no weight_map of tensor names "
+                              "to files in its directory); save the model again")
+    return weight_map
+
+
+def _open_safetensors(path: Path):
+    """``safe_open`` (the header is parsed here); a bad file is a CheckpointError naming it."""
+    try:
+        return safe_open(str(path), "pt")
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); the file is "
+                              "truncated or corrupted, save it again") from None
 
 
 # ----------------------------------------------------------------------------- the commands
@@ -402,7 +428,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
     hf_dir, out = Path(hf_dir), Path(out)
     if not (hf_dir / "config.json").exists():
         raise FileNotFoundError(f"{hf_dir} has no config.json")
-    hf = json.loads((hf_dir / "config.json").read_text())
+    hf = read_json(hf_dir / "config.json")
     arch = architecture(hf)
     cfg = model_config_from_hf(hf, tp, divisible_by)
     check_parallel(cfg.transformer, tp, pp)
@@ -455,7 +481,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
     config_dir = next((d for d in (mcore_dir, source, source.parent)
                        if (d / HF_CONFIG).exists()), None)
     if config_dir is not None:
-        hf = json.loads((config_dir / HF_CONFIG).read_text())
+        hf = read_json(config_dir / HF_CONFIG)
     else:  # not converted from HF: derive the HF config when the architecture matches
         config_dir = next((d for d in (mcore_dir, source, source.parent)
                            if (d / "model_config.json").exists()), None)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from maskllm_megatron.errors import InputError
+from maskllm_megatron.errors import CheckpointError, InputError
 
 FILENAME = "model_config.json"
 VERSION = 2  # 1: no "version" key, optional sizes may be absent
@@ -245,7 +245,14 @@ class ModelConfig:
             path = path / FILENAME
         if not path.is_file():
             raise FileNotFoundError(f"model config {path} not found")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as error:  # JSON and Unicode errors
+            raise CheckpointError(f"{path}: not valid JSON ({error}); the file is truncated or "
+                                  "corrupted, write it again") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not a model "
+                                  "config object")
         try:
             cfg = cls.from_dict(data)
         except ModelConfigError as error:
