@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from maskllm_megatron.core.nm import (
     unpack_indices,
 )
 from maskllm_megatron.deploy.validate import SPARSE_SUFFIXES, format_report, validate_trtllm
-from maskllm_megatron.errors import InputError
+from maskllm_megatron.errors import CheckpointError, InputError
 from maskllm_megatron.interop.hf import (
     HF_CONFIG,
     TensorMapping,
@@ -44,6 +43,7 @@ from maskllm_megatron.interop.hf import (
 )
 from maskllm_megatron.model.config import ModelConfig, copy_model_files
 from maskllm_megatron.model.layers import fix_masks, sparse_layers
+from maskllm_megatron.paths import atomic_directory, require_path
 
 TRT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -52,32 +52,37 @@ class ExportError(InputError):
     """The checkpoint cannot be exported as asked (not N:M, layout does not divide, ...)."""
 
 
-def _atomic_dir(out: Path) -> Path:
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _finish_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
 def load_for_export(load: str | Path, n: int = 2, m: int = 4):
     """Load a checkpoint once for every exporter: (model at TP=1 x PP=1 with its masks
     applied, ModelConfig, mask mode, pattern, the directory holding model_config.json, the
     model checkpoint directory)."""
     distributed.use_layout(1, 1, what="export")  # whole tensors on every rank
+    require_path(load, "checkpoint")
     source = model_dir(load)
     config_dir = next((d for d in (Path(load), source, source.parent)
                        if (d / "model_config.json").exists()), None)
     if config_dir is None:
-        raise FileNotFoundError(f"no model_config.json beside {load}")
+        raise CheckpointError(f"{load}: no model_config.json beside it, so it is not a maskllm "
+                              "checkpoint; give a directory written by `maskllm convert`, "
+                              "`prune`, `train` or `trim`")
     cfg = ModelConfig.load(config_dir)
     model, mode, pattern = load_sparse_model(source, cfg, NMPattern(n, m))
+    _check_mask_indices(model, source)
     return model, cfg, mode, pattern, config_dir, source
+
+
+def _check_mask_indices(model, source: Path) -> None:
+    """Fixed masks index the pattern's candidates: a larger index is a corrupted (or
+    tampered) checkpoint, refused before any weight is masked with it."""
+    for name, layer in sparse_layers(model):
+        if layer.mode != "fixed":
+            continue
+        candidates = layer.mask_settings.pattern.num_candidates
+        if int(layer.mask_indices.max(initial=0)) >= candidates:
+            raise CheckpointError(
+                f"{source}: {name}.mask_indices holds candidate {int(layer.mask_indices.max())}"
+                f" but {layer.mask_settings.pattern} has {candidates}; the checkpoint is "
+                "corrupted: prune or trim again")
 
 
 @torch.no_grad()
@@ -132,15 +137,14 @@ def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> TrimRepor
         weight = layer.masked_weight(layer.weight)
         rows.append((name, tuple(weight.shape), float((weight == 0).double().mean())))
     out = Path(out)
-    tmp = distributed.on_rank0(lambda: _atomic_dir(out))
-    save_model(model, tmp)
+    with atomic_directory(out) as tmp:
+        save_model(model, tmp)
 
-    def finish() -> None:
-        copy_model_files(config_dir, tmp)
-        cfg.save(tmp)
-        _finish_dir(tmp, out)
+        def describe() -> None:
+            copy_model_files(config_dir, tmp)
+            cfg.save(tmp)
 
-    distributed.on_rank0(finish)
+        distributed.on_rank0(describe)
     masks = sum(layer.mask_indices.numel() for _, layer in sparse_layers(model))
     weights = sum(math.prod(shape) for _, shape, _ in rows)
     zeros = sum(math.prod(shape) * sparsity for _, shape, sparsity in rows)
@@ -313,31 +317,31 @@ def export_trtllm(load: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
                           "(prune or learn masks first)")
     state = masked_state(model)
     config = trtllm_config(cfg, tp, pp, dtype, pattern)
-    return distributed.on_rank0(lambda: _write_trtllm(state, cfg, config, Path(out), tp, pp,
-                                                      dtype, pattern, progress))
+    with atomic_directory(out) as tmp:
+        distributed.on_rank0(lambda: _write_trtllm(state, cfg, config, tmp, tp, pp, dtype,
+                                                   pattern, progress))
+    return Path(out)
 
 
-def _write_trtllm(state: dict, cfg: ModelConfig, config: dict, out: Path, tp: int, pp: int,
-                  dtype: str, pattern: NMPattern, progress: bool) -> Path:
-    """The TensorRT-LLM rank files and config from full masked tensors, on one rank."""
-    tmp = _atomic_dir(out)
+def _write_trtllm(state: dict, cfg: ModelConfig, config: dict, tmp: Path, tp: int, pp: int,
+                  dtype: str, pattern: NMPattern, progress: bool) -> None:
+    """The TensorRT-LLM rank files and config from full masked tensors, on one rank, into the
+    output's temporary directory."""
     for rank in tqdm(range(tp * pp), desc="trtllm ranks", disable=not progress):
         pp_rank, tp_rank = divmod(rank, tp)
         tensors = _rank_tensors(state, cfg, tp, pp, tp_rank, pp_rank)
         for name, tensor in tensors.items():
             if name.endswith(SPARSE_SUFFIXES) and (
                     tensor.shape[-1] % pattern.m or not is_nm_sparse(tensor, pattern)):
-                shutil.rmtree(tmp, ignore_errors=True)
                 raise ExportError(f"rank {rank} (tp {tp_rank}, pp {pp_rank}): {name} is not "
-                                  f"{pattern} along its input dimension")
+                                  f"{pattern} along its input dimension; export a pruned, "
+                                  "trimmed or mask-learned checkpoint with its own --N/--M")
         save_file({k: v.to(TRT_DTYPES[dtype]).contiguous() for k, v in tensors.items()},
                   str(tmp / f"rank{rank}.safetensors"))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     report = validate_trtllm(tmp, pattern.n, pattern.m)
-    if not report.ok:
-        raise ExportError("the exported checkpoint fails validation:\n" + format_report(report))
-    _finish_dir(tmp, out)
-    return out
+    if not report.ok:  # our writer broke its own format: a bug, not the user's input
+        raise RuntimeError("the exported checkpoint fails validation:\n" + format_report(report))
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -364,13 +368,15 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     for name, layer in sparse_layers(model):
         masks[f"{name}.weight"] = (layer.masked_weight(torch.ones_like(layer.weight)) != 0)
     mapping = TensorMapping(architecture(hf), hf, cfg)
-    return distributed.on_rank0(lambda: _write_hf_export(
-        state, masks, mapping, hf, pattern, config_dir, Path(out), progress))
+    with atomic_directory(out) as tmp:
+        distributed.on_rank0(lambda: _write_hf_export(
+            state, masks, mapping, hf, pattern, config_dir, tmp, progress))
+    return Path(out)
 
 
-def _write_hf_export(state, masks, mapping, hf, pattern, config_dir, out, progress) -> Path:
-    """The HF directory and its packed masks, on one rank."""
-    tmp = _atomic_dir(out)
+def _write_hf_export(state, masks, mapping, hf, pattern, config_dir, tmp, progress) -> None:
+    """The HF directory and its packed masks, on one rank, into the output's temporary
+    directory."""
     mcore_to_hf(config_dir, tmp, progress=progress, _state=state)
     packed, meta = {}, {}
     for hf_name, mask in mapping.to_hf(masks.__getitem__):
@@ -392,8 +398,6 @@ def _write_hf_export(state, masks, mapping, hf, pattern, config_dir, out, progre
                           "bits_per_weight": 8 * sum(t.numel() for t in packed.values())
                           / max(1, weights)}
     (tmp / "config.json").write_text(json.dumps(hf_out, indent=1))
-    _finish_dir(tmp, out)
-    return out
 
 
 def load_packed_masks(directory: str | Path) -> dict[str, torch.Tensor]:
