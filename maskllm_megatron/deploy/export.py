@@ -78,11 +78,12 @@ def _check_mask_indices(model, source: Path) -> None:
         if layer.mode != "fixed":
             continue
         candidates = layer.mask_settings.pattern.num_candidates
-        if int(layer.mask_indices.max(initial=0)) >= candidates:
+        largest = int(layer.mask_indices.max()) if layer.mask_indices.numel() else 0
+        if largest >= candidates:
             raise CheckpointError(
-                f"{source}: {name}.mask_indices holds candidate {int(layer.mask_indices.max())}"
-                f" but {layer.mask_settings.pattern} has {candidates}; the checkpoint is "
-                "corrupted: prune or trim again")
+                f"{source}: {name}.mask_indices holds candidate {largest} but "
+                f"{layer.mask_settings.pattern} has {candidates}; the checkpoint is corrupted: "
+                "prune or trim again")
 
 
 @torch.no_grad()
@@ -125,7 +126,8 @@ def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> TrimRepor
     (uint8, one per group). Logits and optimizer state are dropped."""
     model, cfg, mode, pattern, config_dir, source = load_for_export(load, n, m)
     if mode == "dense":
-        raise ExportError(f"{load} holds no masks (a dense checkpoint): nothing to trim")
+        raise ExportError(f"{load} holds no masks (a dense checkpoint): nothing to trim; "
+                          "trim a mask-learning run (maskllm train --save)")
     logits_bytes = sum(layer.mask_logits.numel() * 4 for _, layer in sparse_layers(model)
                        if hasattr(layer, "mask_logits"))
     optimizer = source.parent / "optimizer"  # beside a training run's model checkpoint
@@ -358,7 +360,8 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     :func:`nm.bits_per_weight` bits per weight (0.667 for 2:4)."""
     model, cfg, mode, pattern, config_dir, _ = load_for_export(load, n, m)
     if mode == "dense":
-        raise ExportError(f"{load} holds no masks (a dense checkpoint)")
+        raise ExportError(f"{load} holds no masks (a dense checkpoint): its weights are not "
+                          f"{pattern} sparse (prune or learn masks first)")
     if (config_dir / HF_CONFIG).exists():
         hf = json.loads((config_dir / HF_CONFIG).read_text())
     else:
@@ -426,9 +429,10 @@ def apply_packed_masks(model: torch.nn.Module, directory: str | Path) -> int:
     masks = load_packed_masks(directory)
     for name, mask in masks.items():
         if name not in params:
-            raise KeyError(f"the model has no parameter {name} for a packed mask")
+            raise InputError(f"the model has no parameter {name} for a packed mask in "
+                             f"{directory}: load the model this export was made from")
         if tuple(params[name].shape) != tuple(mask.shape):
-            raise ValueError(f"{name}: mask shape {list(mask.shape)} != parameter shape "
+            raise InputError(f"{name}: mask shape {list(mask.shape)} != parameter shape "
                              f"{list(params[name].shape)}")
         params[name].mul_(mask.to(params[name].dtype))
     return len(masks)
