@@ -43,7 +43,7 @@ from maskllm_megatron.interop.hf import (
 )
 from maskllm_megatron.model.config import ModelConfig, copy_model_files
 from maskllm_megatron.model.layers import fix_masks, sparse_layers
-from maskllm_megatron.paths import atomic_directory, require_path
+from maskllm_megatron.paths import atomic_directory, require_path, require_separate
 
 TRT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -124,6 +124,7 @@ class TrimReport:
 def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> TrimReport:
     """Hard masks from a training checkpoint: argmax of the logits, stored as candidate indices
     (uint8, one per group). Logits and optimizer state are dropped."""
+    require_separate(out, load)
     model, cfg, mode, pattern, config_dir, source = load_for_export(load, n, m)
     if mode == "dense":
         raise ExportError(f"{load} holds no masks (a dense checkpoint): nothing to trim; "
@@ -312,6 +313,7 @@ def export_trtllm(load: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
 
     if dtype not in TRT_DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(TRT_DTYPES)}")
+    require_separate(out, load)
     model, cfg, mode, pattern, _, _ = loaded or load_for_export(load, n, m)
     check_layout(cfg, tp, pp, pattern)
     if mode == "dense":
@@ -358,6 +360,7 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     """A Hugging Face directory with masked weights (zeros in place), ``config.json`` recording
     the pattern, and ``nm_masks.safetensors``: each sparse weight's mask packed at
     :func:`nm.bits_per_weight` bits per weight (0.667 for 2:4)."""
+    require_separate(out, load)
     model, cfg, mode, pattern, config_dir, _ = load_for_export(load, n, m)
     if mode == "dense":
         raise ExportError(f"{load} holds no masks (a dense checkpoint): its weights are not "

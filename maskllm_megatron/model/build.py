@@ -62,6 +62,15 @@ def check_layout(cfg: ModelConfig, tp: int = 1, pp: int = 1, pattern: NMPattern 
                          "and FFN sizes are multiples of M x TP)")
 
 
+def check_seq_length(cfg: ModelConfig, seq_length: int) -> None:
+    """Learned position embeddings end at the model's ``max_sequence_length``."""
+    if seq_length < 1:
+        raise InputError(f"--seq-length must be positive, got {seq_length}")
+    if cfg.position_embedding_type == "learned_absolute" and seq_length > cfg.max_sequence_length:
+        raise InputError(f"--seq-length {seq_length} exceeds the {cfg.max_sequence_length} "
+                         "learned positions of the model; give at most that")
+
+
 def build_model(cfg: ModelConfig, mask_settings: MaskSettings | None = None, *, tp: int = 1,
                 pp: int = 1, device: torch.device | str | None = None,
                 params_dtype: torch.dtype | None = None, sequence_parallel: bool = False,

@@ -35,7 +35,7 @@ from maskllm_megatron.core.nm import NMPattern, check_groupable, mask_from_score
 from maskllm_megatron.data.datasets import BatchLayout, build_gpt_datasets, parse_blend
 from maskllm_megatron.data.tokenizer import load_tokenizer
 from maskllm_megatron.errors import InputError
-from maskllm_megatron.model.build import build_model
+from maskllm_megatron.model.build import build_model, check_seq_length
 from maskllm_megatron.model.config import ModelConfig, copy_model_files
 from maskllm_megatron.model.layers import (
     MaskSettings,
@@ -306,6 +306,7 @@ def prune_checkpoint(args) -> PruneReport:
     if args.sequence_parallel and seq_length % layout.tp:
         raise InputError(f"--sequence-parallel splits the sequence over {layout.tp} TP ranks: "
                          f"--seq-length {seq_length} must be a multiple of it")
+    check_seq_length(cfg, seq_length)
     model = build_model(cfg, MaskSettings(pattern=pattern, mode="fixed"), tp=layout.tp,
                         pp=layout.pp, device=layout.device,
                         params_dtype=distributed.params_dtype(args, layout.device),

@@ -48,7 +48,7 @@ from maskllm_megatron.cpu_shims import cuda_literals
 from maskllm_megatron.data.datasets import BatchLayout, build_gpt_datasets, parse_blend
 from maskllm_megatron.data.tokenizer import load_tokenizer
 from maskllm_megatron.errors import InputError, TrainingError
-from maskllm_megatron.model.build import build_model
+from maskllm_megatron.model.build import build_model, check_seq_length
 from maskllm_megatron.model.config import ModelConfig, copy_model_files
 from maskllm_megatron.model.layers import (
     MaskSettings,
@@ -130,6 +130,7 @@ def _train(args: TrainArgs, layout) -> dict:
     if args.sequence_parallel and seq_length % layout.tp:
         raise InputError(f"--sequence-parallel splits the sequence over {layout.tp} TP ranks: "
                          f"--seq-length {seq_length} must be a multiple of it")
+    check_seq_length(model_cfg, seq_length)
     pattern = NMPattern(args.N, args.M)
     model = _build_model(args, model_cfg, layout)
     chunk, optimizer = _optimizer(model, args, layout.device)
