@@ -242,6 +242,21 @@ def test_weights_that_are_not_n_m_are_not_exported(made, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "an earlier export"
 
 
+# ----------------------------------------------------------------------------- data
+
+
+def test_bad_text_leaves_no_dataset_behind(corpus, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the cat sat"}\n{"body": "no text key"}\n')
+    prefix = tmp_path / "data" / "set"
+    tokenizer = str(corpus / "spm.model")
+    _user_error(capsys, ["preprocess", str(bad), "--tokenizer", tokenizer, "--output-prefix",
+                         str(prefix), "--no-progress"], says=["bad.jsonl:2", "--json-key"])
+    _user_error(capsys, ["preprocess", str(tmp_path / "missing.txt"), "--tokenizer", tokenizer,
+                         "--output-prefix", str(prefix)], says=["missing.txt"])
+    assert not (tmp_path / "data").exists()
+
+
 # ----------------------------------------------------------------------------- training
 
 
