@@ -87,7 +87,7 @@ def build_model(cfg: ModelConfig, mask_settings: MaskSettings | None = None, *, 
     ``parallel_output=False`` gathers the logits over TP; ``config_overrides`` go to the
     ``TransformerConfig`` (e.g. ``perform_initialization=False``); ``vp_stage``: which of this
     rank's virtual-pipeline chunks to build (interleaved schedules)."""
-    check_layout(cfg, tp, pp, mask_settings.pattern if mask_settings and sparse_layers else None,
+    check_layout(cfg, tp, pp, (mask_settings or MaskSettings()).pattern if sparse_layers else None,
                  sparse_layers)
     config = cfg.transformer_config(tp, pp, device=device, params_dtype=params_dtype,
                                     sequence_parallel=sequence_parallel, **config_overrides)

@@ -183,7 +183,9 @@ def _train(args: TrainArgs, layout) -> dict:
             if skipped > args.skip_nonfinite_steps:
                 logger.close()
                 raise TrainingError(f"iteration {iteration}: {refusal}; {skipped} such steps "
-                                    f"exceed --skip-nonfinite-steps={args.skip_nonfinite_steps}")
+                                    f"exceed --skip-nonfinite-steps={args.skip_nonfinite_steps}"
+                                    "; check the --load weights and the data, lower --lr, or "
+                                    "allow more skipped steps")
             logger.note(f"iteration {iteration}: {refusal}")
             continue
         step = iteration + 1

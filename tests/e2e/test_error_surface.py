@@ -265,7 +265,7 @@ def test_a_nan_loss_stops_the_run_and_leaves_no_run_directory(corpus, tmp_path, 
     monkeypatch.setenv(FAULT_INJECTION, "nan-loss:1")
     out = tmp_path / "run"
     _user_error(capsys, _train(corpus, out), out,
-                says=["iteration 0: non-finite loss", "--skip-nonfinite-steps=0"])
+                says=["iteration 0: non-finite loss", "--skip-nonfinite-steps=0", "lower --lr"])
 
 
 # ----------------------------------------------------------------------------- bugs and --debug
