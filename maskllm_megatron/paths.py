@@ -21,6 +21,7 @@ import torch.distributed as dist
 from maskllm_megatron.errors import InputError
 
 PARTIAL = ".partial"
+NOT_A_DIRECTORY = "exists and is not a directory; choose another output directory"
 
 
 def _ranks() -> tuple[bool, bool]:
@@ -67,7 +68,7 @@ def replace_directory(tmp: Path, out: Path) -> None:
     """Move the complete ``tmp`` to ``out``; an existing ``out`` is replaced only once ``tmp``
     is in place beside it (renamed aside first, removed last)."""
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(20, "exists and is not a directory", str(out))
+        raise NotADirectoryError(20, NOT_A_DIRECTORY, str(out))
     old = out.with_name(out.name + ".old")
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -84,14 +85,14 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
 
     Called by every rank of the running process group (or with none): rank 0 makes, renames
     and removes the directory, the others wait for it, and an error on rank 0 reaches all."""
-    out = Path(out)
+    out = Path(out).absolute()  # "." has no name to put a sibling beside
     tmp = out.with_name(out.name + PARTIAL)
     main, many = _ranks()
     made = _missing_ancestors(tmp) if main else []
 
     def make() -> None:
         if out.exists() and not out.is_dir():
-            raise NotADirectoryError(20, "exists and is not a directory", str(out))
+            raise NotADirectoryError(20, NOT_A_DIRECTORY, str(out))
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed earlier
         tmp.mkdir(parents=True)
 
