@@ -19,6 +19,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from maskllm_megatron import cpu_shims
+from maskllm_megatron.errors import InputError
 
 DEVICES = ("auto", "cuda", "cpu")
 _DEVICE: torch.device | None = None
@@ -30,15 +31,15 @@ def select_device(requested: str | torch.device | None = "auto") -> torch.device
         requested = requested.type
     requested = requested or "auto"
     if requested not in DEVICES:
-        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, not {requested!r}")
+        raise InputError(f"--device must be one of {', '.join(DEVICES)}, not {requested!r}")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device "
-                           f"(torch {torch.__version__})")
+        raise InputError("--device cuda was asked for, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if local_rank >= torch.cuda.device_count():
-        raise RuntimeError(f"LOCAL_RANK {local_rank} has no GPU: this node has "
+        raise InputError(f"LOCAL_RANK {local_rank} has no GPU: this node has "
                            f"{torch.cuda.device_count()}; start at most that many processes")
     return torch.device("cuda", local_rank)
 
@@ -51,7 +52,7 @@ def params_dtype(options, device: torch.device) -> torch.dtype:
     else bf16 on a GPU and fp32 on the CPU."""
     chosen = [name for name in PARAMS_DTYPES if getattr(options, name, False)]
     if len(chosen) > 1:
-        raise ValueError("give at most one of --bf16, --fp16, --fp32")
+        raise InputError("give at most one of --bf16, --fp16, --fp32")
     if chosen:
         return PARAMS_DTYPES[chosen[0]]
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -152,8 +153,9 @@ def set_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_
     world = dist.get_world_size()
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world % (tp * pp) != 0:
-        raise ValueError(f"tensor ({tp}) x pipeline ({pp}) parallel size must divide the world "
-                         f"size ({world})")
+        raise InputError(f"tensor ({tp}) x pipeline ({pp}) parallel size must divide the world "
+                         f"size ({world} processes); start a multiple of {max(tp, 1) * max(pp, 1)}"
+                         " processes (torchrun --nproc-per-node) or choose smaller sizes")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
         _destroy_subgroups()

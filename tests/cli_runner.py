@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+# the package of this checkout, whatever copy is installed
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+           PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
 CLI = [sys.executable, "-m", "maskllm_megatron.cli"]
 
 

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DEBUG_HELP = "print the traceback of a user error too (also MASKLLM_DEBUG=1)"
+DEBUG_HELP = ("print the traceback of a user error too (also MASKLLM_DEBUG=1; default: only "
+              "the one-line error)")
 
 
 def _add_debug_flag(sub: argparse._SubParsersAction) -> None:

@@ -26,6 +26,8 @@ def add_parsers(sub: typing.Any) -> None:
     pre.add_argument("--output-prefix", required=True,
                      help="writes PREFIX.bin and PREFIX.idx (required)")
     pre.add_argument("--json-key", default="text", help="the .jsonl field holding the text")
+    pre.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                     help="progress bar")
     pre.set_defaults(func=run_preprocess)
 
 
@@ -40,7 +42,8 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
 def run_preprocess(args: argparse.Namespace) -> int:
     from maskllm_megatron.data.preprocess import preprocess
 
-    stats = preprocess(args.input, args.tokenizer, args.output_prefix, args.json_key)
+    stats = preprocess(args.input, args.tokenizer, args.output_prefix, args.json_key,
+                       progress=args.progress)
     print(f"{stats['documents']} documents, {stats['tokens']} tokens -> "
           f"{stats['prefix']}.bin/.idx")
     return 0

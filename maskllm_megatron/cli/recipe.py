@@ -23,7 +23,7 @@ NOT_SETTINGS = ("help", "version", "config")
 
 
 class RecipeError(InputError):
-    """A recipe the command cannot use (reported as one line, exit code 1)."""
+    """A recipe the command cannot use (reported as one line, exit code 2)."""
 
 
 def read_recipe(path: str) -> dict[str, Any]:

@@ -22,7 +22,9 @@ def add_parsers(sub: typing.Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from maskllm_megatron.deploy.validate import format_report, validate_trtllm
+    from maskllm_megatron.paths import require_path
 
+    require_path(args.directory, "exported checkpoint directory")
     report = validate_trtllm(args.directory, args.N, args.M)
     print(format_report(report))
     return 0 if report.ok else 1

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from maskllm_megatron.errors import CheckpointError, InputError
+
 MAX_M = 16  # a group's bit pattern indexes a 2**M lookup table
 
 
@@ -34,11 +36,13 @@ class NMPattern:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.n, int) and isinstance(self.m, int)):
-            raise ValueError(f"N and M must be integers, got N={self.n!r}, M={self.m!r}")
+            raise InputError(f"N and M must be integers, got N={self.n!r}, M={self.m!r}")
         if self.m < 2 or self.m > MAX_M:
-            raise ValueError(f"M must be in [2, {MAX_M}], got N={self.n}, M={self.m}")
+            raise InputError(f"M must be in [2, {MAX_M}], got N={self.n}, M={self.m}; choose "
+                             "--M in that range")
         if self.n < 1 or self.n >= self.m:
-            raise ValueError(f"N must satisfy 1 <= N < M, got N={self.n}, M={self.m}")
+            raise InputError(f"N must satisfy 1 <= N < M, got N={self.n}, M={self.m}; choose --N "
+                             "below --M")
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"
@@ -49,7 +53,7 @@ class NMPattern:
         try:
             n, m = (int(part) for part in text.split(":"))
         except ValueError:
-            raise ValueError(f"an N:M pattern looks like '2:4', got {text!r}") from None
+            raise InputError(f"an N:M pattern looks like '2:4', got {text!r}") from None
         return cls(n, m)
 
     @property
@@ -109,17 +113,18 @@ def as_pattern(pattern: NMPattern | tuple[int, int] | str) -> NMPattern:
 
 
 def check_groupable(shape, pattern: NMPattern, what: str = "weight", dim: int = -1) -> None:
-    """Raise ``ValueError`` unless ``shape[dim]`` splits into whole groups of ``M``."""
+    """Raise ``InputError`` (a ``ValueError``) unless ``shape[dim]`` splits into whole groups
+    of ``M``."""
     shape = tuple(shape)
     if len(shape) == 0 or shape[dim] % pattern.m != 0:
-        raise ValueError(
+        raise InputError(
             f"{what} of shape {list(shape)} cannot hold {pattern} sparsity: dimension {dim} "
             f"({shape[dim] if shape else 'none'}) is not divisible by M={pattern.m} (N={pattern.n})"
         )
 
 
 def check_logits(logits: torch.Tensor, pattern: NMPattern, weight_shape=None) -> None:
-    """Mask logits are ``[out, in // M, C]``; raise ``ValueError`` naming the shapes otherwise."""
+    """Mask logits are ``[out, in // M, C]``; raise ``InputError`` naming the shapes otherwise."""
     c = pattern.num_candidates
     expected = None
     if weight_shape is not None:
@@ -129,7 +134,7 @@ def check_logits(logits: torch.Tensor, pattern: NMPattern, weight_shape=None) ->
         expected is not None and tuple(logits.shape) != expected
     ):
         want = list(expected) if expected is not None else f"[out, in // {pattern.m}, {c}]"
-        raise ValueError(
+        raise InputError(
             f"mask logits of shape {list(logits.shape)} do not fit {pattern} (N={pattern.n}, "
             f"M={pattern.m}, C={c} candidates): expected {want}"
         )
@@ -169,7 +174,7 @@ def mask_to_indices(mask: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
     indices = _code_to_candidate(pattern.n, pattern.m).to(mask.device)[codes]
     if (indices < 0).any():
         bad = int((indices < 0).sum())
-        raise ValueError(
+        raise InputError(
             f"mask of shape {list(mask.shape)} is not an exact {pattern} mask: {bad} groups do not "
             f"keep exactly N={pattern.n} of M={pattern.m}"
         )
@@ -251,7 +256,7 @@ def packing_layout(num_candidates: int) -> tuple[int, int]:
         if best is None or cost < best[0] - 1e-12:
             best = (cost, word_bytes, k)
     if best is None:
-        raise ValueError(f"cannot pack {num_candidates} candidates into a 64-bit word")
+        raise InputError(f"cannot pack {num_candidates} candidates into a 64-bit word")
     return best[1], best[2]
 
 
@@ -283,7 +288,7 @@ def unpack_indices(data: np.ndarray, num_candidates: int, count: int) -> torch.T
     data = np.ascontiguousarray(np.asarray(data, dtype=np.uint8))
     n_words = -(-count // k)
     if data.size != n_words * word_bytes:
-        raise ValueError(
+        raise CheckpointError(
             f"packed mask has {data.size} bytes, expected {n_words * word_bytes} for {count} "
             f"groups of C={num_candidates} candidates"
         )
@@ -293,7 +298,8 @@ def unpack_indices(data: np.ndarray, num_candidates: int, count: int) -> torch.T
         digits[:, digit] = value % np.uint64(num_candidates)
         value = value // np.uint64(num_candidates)
     if value.any():  # a word >= C**k cannot have come from pack_indices
-        raise ValueError("packed mask is corrupted: a word decodes past the candidate range")
+        raise CheckpointError("packed mask is corrupted: a word decodes past the candidate "
+                              "range; export it again")
     return torch.from_numpy(digits.reshape(-1)[:count].astype(np.int64))
 
 

@@ -14,17 +14,20 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+from maskllm_megatron.errors import InputError
+
 
 def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
     """Megatron's ``--data-path``: ``PREFIX`` ... or ``WEIGHT PREFIX WEIGHT PREFIX`` ..."""
     if not data_path:
-        raise ValueError("no --data-path given")
+        raise InputError("no --data-path given; give indexed dataset prefixes written by "
+                         "`maskllm preprocess`")
     try:
         weights = [float(x) for x in data_path[0::2]]
     except ValueError:
         return list(data_path), None
     if len(data_path) % 2:
-        raise ValueError(f"--data-path alternates weights and prefixes, got {data_path}")
+        raise InputError(f"--data-path alternates weights and prefixes, got {data_path}")
     return list(data_path[1::2]), weights
 
 
@@ -54,7 +57,7 @@ class BatchLayout:
     def __post_init__(self) -> None:
         per_step = self.micro_batch_size * self.data_parallel_size
         if self.global_batch_size % per_step:
-            raise ValueError(f"--global-batch-size ({self.global_batch_size}) must be a multiple "
+            raise InputError(f"--global-batch-size ({self.global_batch_size}) must be a multiple "
                              f"of micro-batch size x data-parallel size ({per_step})")
 
     @property

@@ -8,6 +8,7 @@ half-written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
 from maskllm_megatron.data.tokenizer import load_tokenizer
+from maskllm_megatron.errors import InputError
 
 
 def _documents(paths: list[Path], json_key: str):
@@ -31,8 +33,9 @@ def _documents(paths: list[Path], json_key: str):
                         record = json.loads(line)
                         text = record[json_key]
                     except (json.JSONDecodeError, KeyError, TypeError) as err:
-                        raise ValueError(f"{path}:{number}: expected a JSON object with a "
-                                         f"{json_key!r} string ({err})") from None
+                        raise InputError(f"{path}:{number}: expected a JSON object with a "
+                                         f"{json_key!r} string ({err}); fix the line or give "
+                                         "--json-key") from None
                     yield len(line.encode()), text
         else:
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -49,20 +52,29 @@ def preprocess(inputs: list[str | Path], tokenizer_path: str | Path, output_pref
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32
     prefix = Path(output_prefix)
+    made = [d for d in (prefix.parent, *prefix.parent.parents) if not d.exists()]
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_bin, tmp_idx = f"{prefix}.bin.tmp{os.getpid()}", f"{prefix}.idx.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-    total_bytes = sum(p.stat().st_size for p in paths)
     documents = tokens = 0
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess",
-              disable=not progress) as bar:
-        for size, text in _documents(paths, json_key):
-            ids = list(tokenizer.tokenize(text)) + [tokenizer.eod]
-            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-            documents += 1
-            tokens += len(ids)
-            bar.update(size)
-    builder.finalize(tmp_idx)
+    try:
+        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+        total_bytes = sum(p.stat().st_size for p in paths)
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess",
+                  disable=not progress) as bar:
+            for size, text in _documents(paths, json_key):
+                ids = list(tokenizer.tokenize(text)) + [tokenizer.eod]
+                builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+                documents += 1
+                tokens += len(ids)
+                bar.update(size)
+        builder.finalize(tmp_idx)
+    except BaseException:  # nothing half-written: no temporary files, no directory made
+        for tmp in (tmp_bin, tmp_idx):
+            Path(tmp).unlink(missing_ok=True)
+        for directory in made:  # nearest first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
     os.replace(tmp_bin, f"{prefix}.bin")
     os.replace(tmp_idx, f"{prefix}.idx")
     return {"documents": documents, "tokens": tokens, "prefix": str(prefix)}

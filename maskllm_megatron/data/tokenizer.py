@@ -11,24 +11,28 @@ from pathlib import Path
 import sentencepiece as spm
 from megatron.core.tokenizers import MegatronTokenizer
 
+from maskllm_megatron.errors import InputError
 
-def load_tokenizer(path: str | Path):
+
+def load_tokenizer(path: str | Path | None):
     """A megatron-core tokenizer for a ``.model`` SentencePiece file or an HF tokenizer dir."""
+    if path is None:
+        raise InputError("no tokenizer: the model config names none; give --tokenizer")
     path = Path(path)
     if path.is_dir():
         if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json",
                                                          "vocab.json", "tokenizer.model")):
-            raise ValueError(f"{path} is not a Hugging Face tokenizer directory "
+            raise InputError(f"{path} is not a Hugging Face tokenizer directory "
                              "(no tokenizer.json, tokenizer_config.json or vocab.json)")
         library = "huggingface"
     elif path.suffix == ".model" and path.is_file():
         library = "sentencepiece"
     else:
-        raise ValueError(f"tokenizer {path} not found or not supported: give a SentencePiece "
+        raise InputError(f"tokenizer {path} not found or not supported: give a SentencePiece "
                          "'.model' file or a Hugging Face tokenizer directory")
     tokenizer = MegatronTokenizer.from_pretrained(str(path), metadata_path={"library": library})
     if tokenizer.eod is None or tokenizer.eod < 0:
-        raise ValueError(f"tokenizer {path} has no end-of-document token (eos)")
+        raise InputError(f"tokenizer {path} has no end-of-document token (eos)")
     return tokenizer
 
 

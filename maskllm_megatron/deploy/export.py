@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from maskllm_megatron.interop.hf import (
 )
 from maskllm_megatron.model.config import ModelConfig, copy_model_files
 from maskllm_megatron.model.layers import fix_masks, sparse_layers
+from maskllm_megatron.paths import atomic_directory, require_path, require_separate
 
 TRT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -53,32 +53,38 @@ class ExportError(InputError):
     """The checkpoint cannot be exported as asked (not N:M, layout does not divide, ...)."""
 
 
-def _atomic_dir(out: Path) -> Path:
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _finish_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
 def load_for_export(load: str | Path, n: int = 2, m: int = 4):
     """Load a checkpoint once for every exporter: (model at TP=1 x PP=1 with its masks
     applied, ModelConfig, mask mode, pattern, the directory holding model_config.json, the
     model checkpoint directory)."""
     distributed.use_layout(1, 1, what="export")  # whole tensors on every rank
+    require_path(load, "checkpoint")
     source = model_dir(load)
     config_dir = next((d for d in (Path(load), source, source.parent)
                        if (d / "model_config.json").exists()), None)
     if config_dir is None:
-        raise FileNotFoundError(f"no model_config.json beside {load}")
+        raise CheckpointError(f"{load}: no model_config.json beside it, so it is not a maskllm "
+                              "checkpoint; give a directory written by `maskllm convert`, "
+                              "`prune`, `train` or `trim`")
     cfg = ModelConfig.load(config_dir)
     model, mode, pattern = load_sparse_model(source, cfg, NMPattern(n, m))
+    _check_mask_indices(model, source)
     return model, cfg, mode, pattern, config_dir, source
+
+
+def _check_mask_indices(model, source: Path) -> None:
+    """Fixed masks index the pattern's candidates: a larger index is a corrupted (or
+    tampered) checkpoint, refused before any weight is masked with it."""
+    for name, layer in sparse_layers(model):
+        if layer.mode != "fixed":
+            continue
+        candidates = layer.mask_settings.pattern.num_candidates
+        largest = int(layer.mask_indices.max()) if layer.mask_indices.numel() else 0
+        if largest >= candidates:
+            raise CheckpointError(
+                f"{source}: {name}.mask_indices holds candidate {largest} but "
+                f"{layer.mask_settings.pattern} has {candidates}; the checkpoint is corrupted: "
+                "prune or trim again")
 
 
 @torch.no_grad()
@@ -119,9 +125,11 @@ class TrimReport:
 def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> TrimReport:
     """Hard masks from a training checkpoint: argmax of the logits, stored as candidate indices
     (uint8, one per group). Logits and optimizer state are dropped."""
+    require_separate(out, load)
     model, cfg, mode, pattern, config_dir, source = load_for_export(load, n, m)
     if mode == "dense":
-        raise ExportError(f"{load} holds no masks (a dense checkpoint): nothing to trim")
+        raise ExportError(f"{load} holds no masks (a dense checkpoint): nothing to trim; "
+                          "trim a mask-learning run (maskllm train --save)")
     logits_bytes = sum(layer.mask_logits.numel() * 4 for _, layer in sparse_layers(model)
                        if hasattr(layer, "mask_logits"))
     optimizer = source.parent / "optimizer"  # beside a training run's model checkpoint
@@ -133,15 +141,14 @@ def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> TrimRepor
         weight = layer.masked_weight(layer.weight)
         rows.append((name, tuple(weight.shape), float((weight == 0).double().mean())))
     out = Path(out)
-    tmp = distributed.on_rank0(lambda: _atomic_dir(out))
-    save_model(model, tmp)
+    with atomic_directory(out) as tmp:
+        save_model(model, tmp)
 
-    def finish() -> None:
-        copy_model_files(config_dir, tmp)
-        cfg.save(tmp)
-        _finish_dir(tmp, out)
+        def describe() -> None:
+            copy_model_files(config_dir, tmp)
+            cfg.save(tmp)
 
-    distributed.on_rank0(finish)
+        distributed.on_rank0(describe)
     masks = sum(layer.mask_indices.numel() for _, layer in sparse_layers(model))
     weights = sum(math.prod(shape) for _, shape, _ in rows)
     zeros = sum(math.prod(shape) * sparsity for _, shape, sparsity in rows)
@@ -307,6 +314,7 @@ def export_trtllm(load: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
 
     if dtype not in TRT_DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(TRT_DTYPES)}")
+    require_separate(out, load)
     model, cfg, mode, pattern, _, _ = loaded or load_for_export(load, n, m)
     check_layout(cfg, tp, pp, pattern)
     if mode == "dense":
@@ -314,31 +322,31 @@ def export_trtllm(load: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
                           "(prune or learn masks first)")
     state = masked_state(model)
     config = trtllm_config(cfg, tp, pp, dtype, pattern)
-    return distributed.on_rank0(lambda: _write_trtllm(state, cfg, config, Path(out), tp, pp,
-                                                      dtype, pattern, progress))
+    with atomic_directory(out) as tmp:
+        distributed.on_rank0(lambda: _write_trtllm(state, cfg, config, tmp, tp, pp, dtype,
+                                                   pattern, progress))
+    return Path(out)
 
 
-def _write_trtllm(state: dict, cfg: ModelConfig, config: dict, out: Path, tp: int, pp: int,
-                  dtype: str, pattern: NMPattern, progress: bool) -> Path:
-    """The TensorRT-LLM rank files and config from full masked tensors, on one rank."""
-    tmp = _atomic_dir(out)
+def _write_trtllm(state: dict, cfg: ModelConfig, config: dict, tmp: Path, tp: int, pp: int,
+                  dtype: str, pattern: NMPattern, progress: bool) -> None:
+    """The TensorRT-LLM rank files and config from full masked tensors, on one rank, into the
+    output's temporary directory."""
     for rank in tqdm(range(tp * pp), desc="trtllm ranks", disable=not progress):
         pp_rank, tp_rank = divmod(rank, tp)
         tensors = _rank_tensors(state, cfg, tp, pp, tp_rank, pp_rank)
         for name, tensor in tensors.items():
             if name.endswith(SPARSE_SUFFIXES) and (
                     tensor.shape[-1] % pattern.m or not is_nm_sparse(tensor, pattern)):
-                shutil.rmtree(tmp, ignore_errors=True)
                 raise ExportError(f"rank {rank} (tp {tp_rank}, pp {pp_rank}): {name} is not "
-                                  f"{pattern} along its input dimension")
+                                  f"{pattern} along its input dimension; export a pruned, "
+                                  "trimmed or mask-learned checkpoint with its own --N/--M")
         save_file({k: v.to(TRT_DTYPES[dtype]).contiguous() for k, v in tensors.items()},
                   str(tmp / f"rank{rank}.safetensors"))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     report = validate_trtllm(tmp, pattern.n, pattern.m)
-    if not report.ok:
-        raise ExportError("the exported checkpoint fails validation:\n" + format_report(report))
-    _finish_dir(tmp, out)
-    return out
+    if not report.ok:  # our writer broke its own format: a bug, not the user's input
+        raise RuntimeError("the exported checkpoint fails validation:\n" + format_report(report))
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -353,9 +361,11 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     """A Hugging Face directory with masked weights (zeros in place), ``config.json`` recording
     the pattern, and ``nm_masks.safetensors``: each sparse weight's mask packed at
     :func:`nm.bits_per_weight` bits per weight (0.667 for 2:4)."""
+    require_separate(out, load)
     model, cfg, mode, pattern, config_dir, _ = load_for_export(load, n, m)
     if mode == "dense":
-        raise ExportError(f"{load} holds no masks (a dense checkpoint)")
+        raise ExportError(f"{load} holds no masks (a dense checkpoint): its weights are not "
+                          f"{pattern} sparse (prune or learn masks first)")
     if (config_dir / HF_CONFIG).exists():
         hf = read_json(config_dir / HF_CONFIG)
     else:
@@ -365,13 +375,15 @@ def export_hf(load: str | Path, out: str | Path, n: int = 2, m: int = 4,
     for name, layer in sparse_layers(model):
         masks[f"{name}.weight"] = (layer.masked_weight(torch.ones_like(layer.weight)) != 0)
     mapping = TensorMapping(architecture(hf), hf, cfg)
-    return distributed.on_rank0(lambda: _write_hf_export(
-        state, masks, mapping, hf, pattern, config_dir, Path(out), progress))
+    with atomic_directory(out) as tmp:
+        distributed.on_rank0(lambda: _write_hf_export(
+            state, masks, mapping, hf, pattern, config_dir, tmp, progress))
+    return Path(out)
 
 
-def _write_hf_export(state, masks, mapping, hf, pattern, config_dir, out, progress) -> Path:
-    """The HF directory and its packed masks, on one rank."""
-    tmp = _atomic_dir(out)
+def _write_hf_export(state, masks, mapping, hf, pattern, config_dir, tmp, progress) -> None:
+    """The HF directory and its packed masks, on one rank, into the output's temporary
+    directory."""
     mcore_to_hf(config_dir, tmp, progress=progress, _state=state)
     packed, meta = {}, {}
     for hf_name, mask in mapping.to_hf(masks.__getitem__):
@@ -393,8 +405,6 @@ def _write_hf_export(state, masks, mapping, hf, pattern, config_dir, out, progre
                           "bits_per_weight": 8 * sum(t.numel() for t in packed.values())
                           / max(1, weights)}
     (tmp / "config.json").write_text(json.dumps(hf_out, indent=1))
-    _finish_dir(tmp, out)
-    return out
 
 
 def load_packed_masks(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -428,9 +438,10 @@ def apply_packed_masks(model: torch.nn.Module, directory: str | Path) -> int:
     masks = load_packed_masks(directory)
     for name, mask in masks.items():
         if name not in params:
-            raise KeyError(f"the model has no parameter {name} for a packed mask")
+            raise InputError(f"the model has no parameter {name} for a packed mask in "
+                             f"{directory}: load the model this export was made from")
         if tuple(params[name].shape) != tuple(mask.shape):
-            raise ValueError(f"{name}: mask shape {list(mask.shape)} != parameter shape "
+            raise InputError(f"{name}: mask shape {list(mask.shape)} != parameter shape "
                              f"{list(params[name].shape)}")
         params[name].mul_(mask.to(params[name].dtype))
     return len(masks)

@@ -28,7 +28,9 @@ from maskllm_megatron.checkpoint.run_dir import model_dir
 from maskllm_megatron.core.nm import NMPattern
 from maskllm_megatron.cpu_shims import cuda_literals
 from maskllm_megatron.data.tokenizer import load_tokenizer
+from maskllm_megatron.errors import InputError
 from maskllm_megatron.model.config import ModelConfig
+from maskllm_megatron.paths import require_path
 
 MODES = ("auto", "dense")
 
@@ -36,7 +38,7 @@ MODES = ("auto", "dense")
 def windows(tokens: torch.Tensor, seq_length: int) -> list[torch.Tensor]:
     """Non-overlapping windows; the tail is kept when it predicts at least one token."""
     if seq_length < 2:
-        raise ValueError("--seq-length must be at least 2 (a window predicts L-1 tokens)")
+        raise InputError("--seq-length must be at least 2 (a window predicts L-1 tokens)")
     out = [tokens[i:i + seq_length] for i in range(0, len(tokens), seq_length)]
     return [w for w in out if len(w) >= 2]
 
@@ -92,7 +94,7 @@ def perplexity(model, tokens: torch.Tensor, seq_length: int, micro_batch_size: i
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     all_windows = windows(tokens, seq_length)
     if not all_windows:
-        raise ValueError("the test text has fewer than 2 tokens")
+        raise InputError("the test text has fewer than 2 tokens; give a longer --text")
     full = [w for w in all_windows if len(w) == seq_length][dp_rank::dp]
     tail = [w for w in all_windows if len(w) != seq_length]
     batches = [torch.stack(full[i:i + micro_batch_size])
@@ -143,15 +145,19 @@ def evaluate_checkpoint(args) -> PerplexityReport:
     """``maskllm eval-ppl`` in the running process group: load a dense, pruned or mask-learned
     checkpoint at the asked TP x PP and measure the perplexity of ``args.text``."""
     if args.masks not in MODES:
-        raise ValueError(f"--masks must be one of {', '.join(MODES)}")
+        raise InputError(f"--masks must be one of {', '.join(MODES)}")
+    require_path(args.load, "checkpoint (--load)")
+    require_path(args.text, "text file (--text)")
+    if args.model_config:
+        require_path(args.model_config, "model config (--model-config)")
     layout = distributed.use_layout(args.tensor_model_parallel_size,
                                     args.pipeline_model_parallel_size, args.seed, what="eval-ppl")
     path = model_dir(args.load)
     cfg = ModelConfig.load(args.model_config or args.load)
     seq_length = args.seq_length or cfg.max_sequence_length
     if seq_length > cfg.max_sequence_length:
-        raise ValueError(f"--seq-length {seq_length} exceeds the model's "
-                         f"max_sequence_length {cfg.max_sequence_length}")
+        raise InputError(f"--seq-length {seq_length} exceeds the model's "
+                         f"max_sequence_length {cfg.max_sequence_length}; give at most that")
     model, applied, _ = load_sparse_model(
         path, cfg, NMPattern(args.N, args.M), args.masks,
         params_dtype=distributed.params_dtype(args, layout.device),

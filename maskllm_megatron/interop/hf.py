@@ -37,6 +37,7 @@ from maskllm_megatron.checkpoint.safe_load import read_json, torch_load_safely
 from maskllm_megatron.errors import CheckpointError, InputError
 from maskllm_megatron.model.build import build_model
 from maskllm_megatron.model.config import ModelConfig, TransformerFields
+from maskllm_megatron.paths import atomic_directory, require_path, require_separate
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "NemotronForCausalLM": "nemotron",
              "GPT2LMHeadModel": "gpt2"}
@@ -426,6 +427,8 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
                 progress: bool = True) -> ModelConfig:
     """Convert an HF directory into a megatron-core checkpoint directory (see module doc)."""
     hf_dir, out = Path(hf_dir), Path(out)
+    require_path(hf_dir, "Hugging Face model directory")
+    require_separate(out, hf_dir, tokenizer)
     if not (hf_dir / "config.json").exists():
         raise FileNotFoundError(f"{hf_dir} has no config.json")
     hf = read_json(hf_dir / "config.json")
@@ -455,19 +458,20 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
     if extra:
         raise ConversionError(f"the checkpoint has tensors the config does not use: {extra[:5]} "
                               f"(config says {mapping.layers} layers)")
-    distributed.on_rank0(lambda: out.mkdir(parents=True, exist_ok=True))
-    save_model(model, out)
+    with atomic_directory(out) as tmp:
+        save_model(model, tmp)
 
-    def describe() -> ModelConfig:
-        if tokenizer:
-            cfg.tokenizer = str(Path(tokenizer).resolve())
-        elif _copy_tokenizer(hf_dir, out / TOKENIZER_DIR):
-            cfg.tokenizer = TOKENIZER_DIR  # relative: resolved beside model_config.json
-        cfg.save(out)
-        (out / HF_CONFIG).write_text(json.dumps(hf, indent=1))
-        return cfg
+        def describe() -> ModelConfig:
+            if tokenizer:
+                cfg.tokenizer = str(Path(tokenizer).resolve())
+            elif _copy_tokenizer(hf_dir, tmp / TOKENIZER_DIR):
+                cfg.tokenizer = TOKENIZER_DIR  # relative: resolved beside model_config.json
+            cfg.save(tmp)
+            (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=1))
+            return cfg
 
-    return distributed.on_rank0(describe)
+        cfg = distributed.on_rank0(describe)
+    return cfg
 
 
 @torch.no_grad()
@@ -477,6 +481,9 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
     (or a run trained from one: its latest iteration's model). ``_state``: tensors already
     loaded (the HF exporter passes masked weights)."""
     mcore_dir, out = Path(mcore_dir), Path(out)
+    require_path(mcore_dir, "megatron-core checkpoint directory")
+    if _state is None:
+        require_separate(out, mcore_dir)
     source = model_dir(mcore_dir)
     config_dir = next((d for d in (mcore_dir, source, source.parent)
                        if (d / HF_CONFIG).exists()), None)
@@ -493,8 +500,11 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
         distributed.use_layout(1, 1, what="conversion")
         model = build_model(cfg, sparse_layers=(), perform_initialization=False)
         load_model(model, source, missing_masks="keep")
-        return distributed.on_rank0(lambda: _write_hf(model.state_dict(), hf, cfg, config_dir,
-                                                      out, max_shard_bytes, progress))
+        with atomic_directory(out) as tmp:
+            distributed.on_rank0(lambda: _write_hf(model.state_dict(), hf, cfg, config_dir,
+                                                   tmp, max_shard_bytes, progress))
+        return out
+    # the HF exporter's masked weights, into the directory it is writing
     return _write_hf(_state, hf, cfg, config_dir, out, max_shard_bytes, progress)
 
 

@@ -17,7 +17,9 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from maskllm_megatron.core.nm import NMPattern
 from maskllm_megatron.cpu_shims import cuda_literals
+from maskllm_megatron.errors import InputError
 from maskllm_megatron.model.config import ModelConfig
 from maskllm_megatron.model.layers import MaskSettings
 from maskllm_megatron.model.spec import (
@@ -25,6 +27,48 @@ from maskllm_megatron.model.spec import (
     default_transformer_impl,
     get_sparse_gpt_layer_spec,
 )
+
+
+def check_layout(cfg: ModelConfig, tp: int = 1, pp: int = 1, pattern: NMPattern | None = None,
+                 sparse_layers: tuple[str, ...] = SPARSE_LAYER_KINDS) -> None:
+    """Refuse, naming every problem, a TP x PP layout that does not divide the model, or an N:M
+    pattern whose groups do not tile the sparse linears' inputs on each TP shard: checked
+    before megatron builds anything (its own checks are asserts deep inside)."""
+    t = cfg.transformer
+    problems = []
+    if tp < 1 or pp < 1:
+        raise InputError(f"tensor ({tp}) and pipeline ({pp}) parallel sizes must be positive")
+    for what, size in (("attention heads", t.num_attention_heads),
+                       ("key-value groups", t.num_query_groups),
+                       ("FFN size", t.ffn_hidden_size), ("padded vocabulary", cfg.vocab_size)):
+        if size % tp:
+            problems.append(f"tensor-parallel size {tp} does not divide the {size} {what}")
+    if t.num_layers % pp:
+        problems.append(f"pipeline-parallel size {pp} does not divide the {t.num_layers} layers")
+    if problems:
+        raise InputError(f"the model does not split at TP={tp} x PP={pp}: "
+                         + "; ".join(problems) + "; choose sizes that divide it")
+    if pattern is None:
+        return
+    inputs = {"linear_qkv": t.hidden_size, "linear_fc1": t.hidden_size,
+              "linear_proj": t.num_attention_heads * t.kv_channels // tp,
+              "linear_fc2": t.ffn_hidden_size // tp}
+    bad = [f"{kind} has {inputs[kind]} input columns per shard" for kind in sparse_layers
+           if inputs[kind] % pattern.m]
+    if bad:
+        raise InputError(f"{pattern} sparsity needs the sparse linears' inputs in whole groups "
+                         f"of M={pattern.m} at TP={tp}, but " + ", ".join(bad)
+                         + "; choose an M that divides them (or a model config whose hidden "
+                         "and FFN sizes are multiples of M x TP)")
+
+
+def check_seq_length(cfg: ModelConfig, seq_length: int) -> None:
+    """Learned position embeddings end at the model's ``max_sequence_length``."""
+    if seq_length < 1:
+        raise InputError(f"--seq-length must be positive, got {seq_length}")
+    if cfg.position_embedding_type == "learned_absolute" and seq_length > cfg.max_sequence_length:
+        raise InputError(f"--seq-length {seq_length} exceeds the {cfg.max_sequence_length} "
+                         "learned positions of the model; give at most that")
 
 
 def build_model(cfg: ModelConfig, mask_settings: MaskSettings | None = None, *, tp: int = 1,
@@ -43,6 +87,8 @@ def build_model(cfg: ModelConfig, mask_settings: MaskSettings | None = None, *, 
     ``parallel_output=False`` gathers the logits over TP; ``config_overrides`` go to the
     ``TransformerConfig`` (e.g. ``perform_initialization=False``); ``vp_stage``: which of this
     rank's virtual-pipeline chunks to build (interleaved schedules)."""
+    check_layout(cfg, tp, pp, (mask_settings or MaskSettings()).pattern if sparse_layers else None,
+                 sparse_layers)
     config = cfg.transformer_config(tp, pp, device=device, params_dtype=params_dtype,
                                     sequence_parallel=sequence_parallel, **config_overrides)
     spec = get_sparse_gpt_layer_spec(

@@ -39,6 +39,7 @@ from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from maskllm_megatron.core.nm import NMPattern, hard_mask_from_logits, indices_to_mask
+from maskllm_megatron.errors import InputError
 from maskllm_megatron.sampling import NoiseKey, ShardGroups, sample_masked_weight
 from maskllm_megatron.sampling.noise import counter_normal
 
@@ -119,7 +120,7 @@ class _SparseLinear:
         out_local, in_local = self.weight.shape
         if in_local % pattern.m != 0:
             tp = ps.get_tensor_model_parallel_world_size()
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__} ({self.kind}): local weight shape "
                 f"[{out_local}, {in_local}] at tensor-parallel size {tp} cannot hold {pattern} "
                 f"sparsity: the input dimension {in_local} is not divisible by M={pattern.m}")
@@ -321,7 +322,9 @@ def fix_masks(model) -> None:
         if layer.mode == "fixed":
             continue
         if layer.mask_settings.pattern.num_candidates > 256:
-            raise ValueError("fixed masks store candidate indices as uint8 (C <= 256)")
+            raise InputError(f"fixed masks store candidate indices as uint8 (C <= 256), but "
+                             f"{layer.mask_settings.pattern} has "
+                             f"{layer.mask_settings.pattern.num_candidates}; choose a smaller M")
         indices = layer.mask_logits.argmax(-1).to(torch.uint8)
         del layer.mask_logits
         layer.register_buffer("mask_indices", indices)

@@ -24,6 +24,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from maskllm_megatron.errors import InputError
 from maskllm_megatron.model.layers import (
     MaskSettings,
     SparseColumnParallelLinear,
@@ -126,7 +127,7 @@ def get_sparse_gpt_layer_spec(
     if transformer_impl == "transformer_engine":
         te = transformer_engine_modules()
         if te is None:
-            raise RuntimeError("--transformer-impl transformer_engine, but Transformer Engine "
+            raise InputError("--transformer-impl transformer_engine, but Transformer Engine "
                                "does not import here (use --transformer-impl local)")
         norm, attention.core_attention = te
     else:

@@ -34,7 +34,8 @@ from maskllm_megatron.checkpoint.run_dir import model_dir
 from maskllm_megatron.core.nm import NMPattern, check_groupable, mask_from_scores, mask_to_indices
 from maskllm_megatron.data.datasets import BatchLayout, build_gpt_datasets, parse_blend
 from maskllm_megatron.data.tokenizer import load_tokenizer
-from maskllm_megatron.model.build import build_model
+from maskllm_megatron.errors import InputError
+from maskllm_megatron.model.build import build_model, check_seq_length
 from maskllm_megatron.model.config import ModelConfig, copy_model_files
 from maskllm_megatron.model.layers import (
     MaskSettings,
@@ -42,6 +43,7 @@ from maskllm_megatron.model.layers import (
     set_mask_mode,
     sparse_layers,
 )
+from maskllm_megatron.paths import atomic_directory, require_path, require_separate
 from maskllm_megatron.training.step import forward_passes
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -49,7 +51,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 def check_method(method: str) -> str:
     if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
+        raise InputError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
     return method
 
 
@@ -228,7 +230,7 @@ def prune_model(model, forward_calibration, method: str, *, update: bool = False
     """
     check_method(method)
     if row_parallel_hessian not in ("gather", "shard"):
-        raise ValueError("--row-parallel-hessian must be gather or shard")
+        raise InputError("--row-parallel-hessian must be gather or shard")
     layers = sparse_layers(model)
     if any(not hasattr(layer, "mask_indices") for _, layer in layers):
         raise ValueError("prune_model needs sparse layers built in fixed mode (mask_indices)")
@@ -286,13 +288,25 @@ def prune_checkpoint(args) -> PruneReport:
     (masks only, for ``train --prior``)."""
     method = check_method(args.method)
     pattern = NMPattern(args.N, args.M)
+    require_path(args.load, "checkpoint (--load)")
+    if args.model_config:
+        require_path(args.model_config, "model config (--model-config)")
+    if method != "magnitude":
+        if not args.data_path:
+            raise InputError(f"{method} needs calibration data: give --data-path")
+        for prefix in parse_blend(args.data_path)[0]:
+            for suffix in (".bin", ".idx"):
+                require_path(f"{prefix}{suffix}", "dataset file (run `maskllm preprocess` first)")
+    for sub in ("pruned", "masks"):
+        require_separate(Path(args.save) / sub, args.load, args.model_config)
     layout = distributed.use_layout(args.tensor_model_parallel_size,
                                     args.pipeline_model_parallel_size, args.seed, what="prune")
     cfg = ModelConfig.load(args.model_config or args.load)
     seq_length = args.seq_length or cfg.max_sequence_length
     if args.sequence_parallel and seq_length % layout.tp:
-        raise ValueError(f"--sequence-parallel splits the sequence over {layout.tp} TP ranks: "
+        raise InputError(f"--sequence-parallel splits the sequence over {layout.tp} TP ranks: "
                          f"--seq-length {seq_length} must be a multiple of it")
+    check_seq_length(cfg, seq_length)
     model = build_model(cfg, MaskSettings(pattern=pattern, mode="fixed"), tp=layout.tp,
                         pp=layout.pp, device=layout.device,
                         params_dtype=distributed.params_dtype(args, layout.device),
@@ -304,14 +318,13 @@ def prune_checkpoint(args) -> PruneReport:
 
     forward = None
     if method != "magnitude":
-        if not args.data_path:
-            raise ValueError(f"{method} needs calibration data: give --data-path")
         need = args.calib_samples * (seq_length + 1)
         have = available_tokens(args.data_path)
         if have < need:
-            raise ValueError(f"calibration needs --calib-samples {args.calib_samples} x "
+            raise InputError(f"calibration needs --calib-samples {args.calib_samples} x "
                              f"(--seq-length {seq_length} + 1) = {need} tokens, but "
-                             f"{' '.join(args.data_path)} holds {have}")
+                             f"{' '.join(args.data_path)} holds {have}; lower --calib-samples "
+                             "or give more data")
         tokenizer = load_tokenizer(args.tokenizer or cfg.tokenizer)
         dataset, _, _ = build_gpt_datasets(args.data_path, tokenizer, seq_length, args.seed,
                                            (args.calib_samples, 0, 0), split="100,0,0")
@@ -323,17 +336,19 @@ def prune_checkpoint(args) -> PruneReport:
                          row_parallel_hessian=args.row_parallel_hessian,
                          progress=args.progress and layout.rank == 0)
     out = Path(args.save)
-    save_model(model, out / "pruned")
-    save_model(model, out / "masks", masks_only=True)
     source = Path(args.model_config or args.load)
     source = source if source.is_dir() else source.parent
+    # both or neither: the masks are renamed into place first, the pruned model last
+    with atomic_directory(out / "pruned") as pruned, atomic_directory(out / "masks") as masks:
+        save_model(model, pruned)
+        save_model(model, masks, masks_only=True)
 
-    def describe() -> None:
-        for sub in ("pruned", "masks"):
-            copy_model_files(source, out / sub)
-            cfg.save(out / sub)
+        def describe() -> None:
+            for sub in (pruned, masks):
+                copy_model_files(source, sub)
+                cfg.save(sub)
 
-    distributed.on_rank0(describe)
+        distributed.on_rank0(describe)
     kept = torch.stack([(layer.weight != 0).double().mean() for _, layer in sparse_layers(model)])
     rows = [(name, list(layer.weight.shape), share) for (name, layer), share in
             zip(sparse_layers(model), kept.tolist(), strict=True)]

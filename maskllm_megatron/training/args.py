@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from maskllm_megatron.errors import InputError
+
 
 def _flag(default, help: str, **kwargs):  # noqa: A002 - argparse's own word
     """A field whose ``help`` becomes the ``maskllm train`` flag's help text."""
@@ -120,26 +122,28 @@ class TrainArgs:
     def validate(self) -> None:
         # imported here so that building --help loads no megatron
         from maskllm_megatron import distributed
+        from maskllm_megatron.core.nm import NMPattern
         from maskllm_megatron.model.spec import TRANSFORMER_IMPLS
         from maskllm_megatron.training.optim import state_format
 
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
-            raise ValueError("--lr-decay-style must be cosine, linear or constant")
+            raise InputError("--lr-decay-style must be cosine, linear or constant")
         if self.dense and not self.train_weights:
-            raise ValueError("--dense (masks off) only makes sense with --train-weights")
+            raise InputError("--dense (masks off) only makes sense with --train-weights")
         state_format(self.main_grads_dtype, self.exp_avg_dtype, self.exp_avg_sq_dtype)
         if self.device not in distributed.DEVICES:
-            raise ValueError(f"--device must be one of {', '.join(distributed.DEVICES)}")
+            raise InputError(f"--device must be one of {', '.join(distributed.DEVICES)}")
         if sum((self.bf16, self.fp16, self.fp32)) > 1:
-            raise ValueError("give at most one of --bf16, --fp16, --fp32")
+            raise InputError("give at most one of --bf16, --fp16, --fp32")
         if self.transformer_impl not in (None, *TRANSFORMER_IMPLS):
-            raise ValueError(f"--transformer-impl must be one of {', '.join(TRANSFORMER_IMPLS)}")
+            raise InputError(f"--transformer-impl must be one of {', '.join(TRANSFORMER_IMPLS)}")
         if self.lr_warmup_iters >= self.train_iters:
-            raise ValueError("--lr-warmup-iters must be below --train-iters")
+            raise InputError("--lr-warmup-iters must be below --train-iters")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+            raise InputError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.train_iters < 1:
-            raise ValueError("--train-iters must be positive")
+            raise InputError("--train-iters must be positive")
         for name in ("gumbel_temperature_range", "gumbel_scale_range"):
             if len(getattr(self, name)) != 2:
-                raise ValueError(f"--{name.replace('_', '-')} takes two numbers: start end")
+                raise InputError(f"--{name.replace('_', '-')} takes two numbers: start end")
+        NMPattern(self.N, self.M)  # N < M, M in range

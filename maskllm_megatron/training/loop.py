@@ -45,10 +45,10 @@ from maskllm_megatron.checkpoint.run_dir import (
 from maskllm_megatron.core.nm import NMPattern
 from maskllm_megatron.core.schedules import GumbelSchedule
 from maskllm_megatron.cpu_shims import cuda_literals
-from maskllm_megatron.data.datasets import BatchLayout, build_gpt_datasets
+from maskllm_megatron.data.datasets import BatchLayout, build_gpt_datasets, parse_blend
 from maskllm_megatron.data.tokenizer import load_tokenizer
-from maskllm_megatron.errors import TrainingError
-from maskllm_megatron.model.build import build_model
+from maskllm_megatron.errors import InputError, TrainingError
+from maskllm_megatron.model.build import build_model, check_seq_length
 from maskllm_megatron.model.config import ModelConfig, copy_model_files
 from maskllm_megatron.model.layers import (
     MaskSettings,
@@ -56,6 +56,7 @@ from maskllm_megatron.model.layers import (
     assign_layer_ids,
     sparse_layers,
 )
+from maskllm_megatron.paths import removed_on_failure, require_path
 from maskllm_megatron.training.args import TrainArgs
 from maskllm_megatron.training.grads import wrap_model
 from maskllm_megatron.training.metrics import (
@@ -70,11 +71,18 @@ from maskllm_megatron.training.step import forward_backward, validation_loss
 FAULT_INJECTION = "MASKLLM_FAULT_INJECTION"
 
 
+def fault_requested(point: str, iteration: int) -> bool:
+    """Whether ``MASKLLM_FAULT_INJECTION=POINT:N`` asks for a fault at ``point`` of iteration
+    N (a test hook; unset, never)."""
+    return os.environ.get(FAULT_INJECTION) == f"{point}:{iteration}"
+
+
 def inject_fault(point: str, iteration: int) -> None:
     """A node failure on demand, for resume tests: ``MASKLLM_FAULT_INJECTION=POINT:N`` (points:
     ``kill-after-iteration``, ``kill-during-save``) SIGKILLs every rank when the run reaches
-    that point of iteration N. Unset, it does nothing."""
-    if os.environ.get(FAULT_INJECTION) == f"{point}:{iteration}":
+    that point of iteration N; ``nan-loss:N`` makes iteration N's loss NaN on every rank (see
+    :func:`train`). Unset, it does nothing."""
+    if fault_requested(point, iteration):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -90,15 +98,39 @@ def lr_scheduler(optimizer, args: TrainArgs) -> OptimizerParamScheduler:
 
 def train(args: TrainArgs) -> dict:
     """Run (or resume) training in the running process group, laid out as the arguments ask;
-    returns the final metrics."""
+    returns the final metrics. A run that fails before its first checkpoint removes the
+    ``--save`` directory it made, so nothing half-made is left to resume from."""
+    _check_inputs(args)
     layout = distributed.use_layout(args.tensor_model_parallel_size,
                                     args.pipeline_model_parallel_size, args.seed, what="train")
+    with removed_on_failure(args.save, done=lambda: (Path(args.save) / "latest").exists()):
+        return _train(args, layout)
+
+
+def _check_inputs(args: TrainArgs) -> None:
+    """The paths the run reads, before anything is built: each missing one is named."""
+    if args.model_config is None and args.load is None:
+        raise InputError("give --model-config (or --load with a model_config.json)")
+    for path, what in ((args.model_config, "model config (--model-config)"),
+                       (args.load, "checkpoint (--load)"), (args.prior, "checkpoint (--prior)"),
+                       (args.tokenizer, "tokenizer (--tokenizer)")):
+        if path:
+            require_path(path, what)
+    if not args.data_path:
+        raise InputError("give --data-path: indexed datasets written by `maskllm preprocess`")
+    for prefix in parse_blend(args.data_path)[0]:
+        for suffix in (".bin", ".idx"):
+            require_path(f"{prefix}{suffix}", "dataset file (run `maskllm preprocess` first)")
+
+
+def _train(args: TrainArgs, layout) -> dict:
     main_rank = layout.rank == 0
     model_cfg = _model_config(args)
     seq_length = args.seq_length or model_cfg.max_sequence_length
     if args.sequence_parallel and seq_length % layout.tp:
-        raise ValueError(f"--sequence-parallel splits the sequence over {layout.tp} TP ranks: "
+        raise InputError(f"--sequence-parallel splits the sequence over {layout.tp} TP ranks: "
                          f"--seq-length {seq_length} must be a multiple of it")
+    check_seq_length(model_cfg, seq_length)
     pattern = NMPattern(args.N, args.M)
     model = _build_model(args, model_cfg, layout)
     chunk, optimizer = _optimizer(model, args, layout.device)
@@ -135,6 +167,8 @@ def train(args: TrainArgs) -> dict:
         optimizer.zero_grad()
         loss, reg = forward_backward(chunk, state, train_ds, batches, iteration, seq_length,
                                       reg_weight, layout.device)
+        if fault_requested("nan-loss", iteration + 1):  # a diverged step, on every rank
+            loss = float("nan")
         refusal, grad_norm = _check_step(optimizer, scaler, loss)
         if refusal is None:
             if args.clip_grad > 0:
@@ -149,7 +183,9 @@ def train(args: TrainArgs) -> dict:
             if skipped > args.skip_nonfinite_steps:
                 logger.close()
                 raise TrainingError(f"iteration {iteration}: {refusal}; {skipped} such steps "
-                                    f"exceed --skip-nonfinite-steps={args.skip_nonfinite_steps}")
+                                    f"exceed --skip-nonfinite-steps={args.skip_nonfinite_steps}"
+                                    "; check the --load weights and the data, lower --lr, or "
+                                    "allow more skipped steps")
             logger.note(f"iteration {iteration}: {refusal}")
             continue
         step = iteration + 1
@@ -179,7 +215,7 @@ def train(args: TrainArgs) -> dict:
 def _model_config(args: TrainArgs) -> ModelConfig:
     source = args.model_config or args.load
     if source is None:
-        raise ValueError("give --model-config (or --load with a model_config.json)")
+        raise InputError("give --model-config (or --load with a model_config.json)")
     return ModelConfig.load(source)
 
 

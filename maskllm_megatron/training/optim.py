@@ -32,6 +32,7 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
 from maskllm_megatron.cpu_shims import cuda_literals
+from maskllm_megatron.errors import InputError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GRAD_DTYPES = ("fp32", "bf16")  # what megatron's gradient clipping accepts
@@ -60,12 +61,12 @@ def state_format(main_grads_dtype: str = "bf16", exp_avg_dtype: str = "bf16",
                  exp_avg_sq_dtype: str = "bf16") -> StateFormat:
     """The format from the trainer's flags (megatron's names), checked."""
     if main_grads_dtype not in GRAD_DTYPES:
-        raise ValueError(f"--main-grads-dtype must be one of {', '.join(GRAD_DTYPES)}, not "
+        raise InputError(f"--main-grads-dtype must be one of {', '.join(GRAD_DTYPES)}, not "
                          f"{main_grads_dtype!r}")
     for name, value in (("--exp-avg-dtype", exp_avg_dtype),
                         ("--exp-avg-sq-dtype", exp_avg_sq_dtype)):
         if value not in DTYPES:
-            raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, not {value!r}")
+            raise InputError(f"{name} must be one of {', '.join(DTYPES)}, not {value!r}")
     return StateFormat(DTYPES[main_grads_dtype], DTYPES[exp_avg_dtype], DTYPES[exp_avg_sq_dtype])
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from maskllm_megatron.errors import InputError
 from maskllm_megatron.model.config import ModelConfig
 from maskllm_megatron.training.args import TrainArgs
 
@@ -115,13 +116,14 @@ def plan_training(args: TrainArgs, nodes: int, gpus_per_node: int,
     when it does not fit, the one ``suggest`` finds (None: nothing fits)."""
     source = args.model_config or args.load
     if not source:
-        raise ValueError("the recipe names no model_config (or load) to plan for")
+        raise InputError("the recipe names no model_config (or load) to plan for; add one")
     cfg = ModelConfig.load(Path(source).expanduser())
     world = nodes * gpus_per_node
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     seq = args.seq_length or cfg.max_sequence_length
     if world % (tp * pp):
-        raise ValueError(f"{world} GPUs are not a multiple of TP {tp} x PP {pp}")
+        raise InputError(f"{world} GPUs are not a multiple of TP {tp} x PP {pp}; choose sizes "
+                         "whose product divides --nodes x --gpus-per-node")
     plan = plan_layout(cfg, tp, pp, world, seq, args.micro_batch_size, args.global_batch_size,
                        gpu_gb)
     if plan.fits:

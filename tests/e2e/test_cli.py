@@ -35,17 +35,17 @@ def test_unknown_recipe_key_is_an_error_naming_it_and_the_closest_flag(tmp_path,
     recipe = _recipe(tmp_path, "load: ckpt\nmicro_batch_sise: 2\n")
     for command in (["train"], ["prune", "--method", "wanda", "--save", "out"],
                     ["eval-ppl", "--text", "t.txt"]):
-        assert main([*command, "--config", recipe]) == 1
+        assert main([*command, "--config", recipe]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"maskllm {command[0]}: ") and err.count("\n") == 1
+        assert err.startswith(f"error: maskllm {command[0]}: ") and err.count("\n") == 1
         assert "'micro_batch_sise'" in err and "--micro-batch-size" in err
 
 
 def test_plan_reads_its_recipe_through_the_same_loader(tmp_path, capsys):
     recipe = _recipe(tmp_path, "model_config: m.json\ntensor_parallel: 2\n")
-    assert main(["plan", recipe]) == 1
+    assert main(["plan", recipe]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("maskllm plan: ") and "'tensor_parallel'" in err
+    assert err.startswith("error: maskllm plan: ") and "'tensor_parallel'" in err
 
 
 def test_a_key_of_another_command_is_skipped(tmp_path):

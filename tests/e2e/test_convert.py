@@ -181,20 +181,20 @@ def test_bad_conversions_are_clear_errors(tmp_path):
 
     proc = _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "a"),
                  "--tp", "4"], check=False)  # 2 KV groups
-    assert proc.returncode == 1 and "--tp 4 must divide" in proc.stderr
+    assert proc.returncode == 2 and "--tp 4 must divide" in proc.stderr
     assert not (tmp_path / "a").exists()
 
     (hf_dir / "config.json").write_text(json.dumps(dict(cfg, architectures=["BertModel"])))
     proc = _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "b")],
                 check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2 and proc.stderr.startswith("error: maskllm convert hf-to-mcore: ")
     assert all(a in proc.stderr for a in ("LlamaForCausalLM", "NemotronForCausalLM",
                                           "GPT2LMHeadModel"))
 
     (hf_dir / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=128)))
     proc = _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "c"),
                  "--no-progress"], check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2 and not (tmp_path / "c").exists()
     assert "model.layers.0.mlp.gate_proj.weight [96, 64]" in proc.stderr
     assert "gives shape [192, 64]" in proc.stderr and "expects [256, 64]" in proc.stderr
 

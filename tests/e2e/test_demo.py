@@ -1,13 +1,11 @@
 """The demo pipeline at a tiny size: every artefact appears, and MaskLLM beats magnitude."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+from cli_runner import ENV
 
 
 def test_tiny_demo_end_to_end(tmp_path):

@@ -96,9 +96,9 @@ def test_one_shot_baselines_order_and_feed_training(corpus, trained, tmp_path):
 
 def test_bad_prune_input_is_a_clear_error(corpus, trained, tmp_path):
     proc = _prune(corpus, trained, "obs", tmp_path / "x")
-    assert proc.returncode == 1 and "magnitude, wanda, sparsegpt" in proc.stderr
+    assert proc.returncode == 2 and "magnitude, wanda, sparsegpt" in proc.stderr
     proc = _prune(corpus, trained, "wanda", tmp_path / "y", "--calib-samples", "100000")
-    assert proc.returncode == 1
+    assert proc.returncode == 2 and proc.stderr.startswith("error: maskllm prune: ")
     counts = re.search(r"= (\d+) tokens, but .* holds (\d+)", proc.stderr)
     assert counts and int(counts[1]) == 100000 * 33 and int(counts[2]) < int(counts[1])
     assert not (tmp_path / "y").exists()  # nothing written

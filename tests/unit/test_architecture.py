@@ -7,8 +7,8 @@ from pathlib import Path
 import maskllm_megatron
 
 # lowest first; a module may import its own layer and the ones before it
-LAYERS = ["errors", "cpu_shims", "distributed", "core", "sampling", "data", "model", "checkpoint",
-          "training", "pruning", "eval", "interop", "deploy", "demo", "cli"]
+LAYERS = ["errors", "paths", "cpu_shims", "distributed", "core", "sampling", "data", "model",
+          "checkpoint", "training", "pruning", "eval", "interop", "deploy", "demo", "cli"]
 ROOT = Path(maskllm_megatron.__file__).parent
 
 

@@ -11,6 +11,7 @@ import torch
 from cli_runner import ENV
 
 import maskllm_megatron
+from maskllm_megatron.errors import InputError
 
 IMPORT_EVERYTHING = """
 import importlib, pkgutil, torch
@@ -70,7 +71,7 @@ def test_device_selection():
     assert distributed.select_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         assert distributed.select_device("auto") == torch.device("cpu")
-        with pytest.raises(RuntimeError, match="no CUDA device"):
+        with pytest.raises(InputError, match="no CUDA device"):  # the user's choice
             distributed.select_device("cuda")
     with pytest.raises(ValueError, match="auto, cuda, cpu"):
         distributed.select_device("tpu")

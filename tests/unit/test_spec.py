@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from maskllm_megatron.core.nm import NMPattern
+from maskllm_megatron.errors import InputError
 from maskllm_megatron.model import spec as spec_module
 from maskllm_megatron.model.layers import (
     MaskSettings,
@@ -55,7 +56,7 @@ def test_transformer_impl_picks_te_norms_and_attention_or_local_ones(monkeypatch
     assert spec_module.default_transformer_impl(torch.device("cuda", 0)) == "local"  # no TE
     plain = get_sparse_gpt_layer_spec()
     assert plain.submodules.input_layernorm is LocalNorm  # no apex here either
-    with pytest.raises(RuntimeError, match="Transformer Engine"):
+    with pytest.raises(InputError, match="Transformer Engine"):  # the user's choice
         get_sparse_gpt_layer_spec(transformer_impl="transformer_engine")
     with pytest.raises(ValueError, match="choose from local, transformer_engine"):
         get_sparse_gpt_layer_spec(transformer_impl="te")
