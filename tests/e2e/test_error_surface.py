@@ -132,15 +132,11 @@ def test_a_foreign_checkpoint_is_refused(made, corpus, tmp_path, capsys):
                          str(made / "hf"), "--no-progress"], says=["choose another --out"])
 
 
-@pytest.mark.xfail(reason="a checkpoint of another model is refused by the checkpoint readers "
-                   "(CheckpointError), which another branch makes", strict=False)
 def test_a_checkpoint_of_another_model_is_a_user_error(made, corpus, tmp_path, capsys):
     out = tmp_path / "out"
     _user_error(capsys, _train(corpus, out, "--load", str(made / "mcore")), out)
 
 
-@pytest.mark.xfail(reason="a truncated tensor file is reported by the checkpoint readers "
-                   "(CheckpointError), which another branch makes", strict=False)
 def test_a_truncated_checkpoint_is_a_user_error(made, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(made / "pruned" / "pruned", broken)
