@@ -33,7 +33,8 @@ def _recipe_train_args(path: str, known: dict[str, argparse.Action]) -> TrainArg
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the table; exit 1 when the recipe's layout does not fit, with one that does."""
+    """Print the table; a layout that does not fit is a user error (exit 2) naming one that
+    does."""
     from pathlib import Path
 
     from maskllm_megatron.cli import build_parser
@@ -45,13 +46,15 @@ def run(args: argparse.Namespace) -> int:
     _print(plan, Path(args.recipe).name)
     if plan.fits:
         return 0
+    from maskllm_megatron.errors import InputError
+
     if better is None:
-        print("no layout fits: more GPUs, or a GPU with more memory")
-    else:
-        print(f"does not fit; this does: --tensor-model-parallel-size {better.tp} "
-              f"--pipeline-model-parallel-size {better.pp} --micro-batch-size "
-              f"{better.micro_batch_size} (DP {better.dp}, {better.total / 2**30:.1f} GiB)")
-    return 1
+        raise InputError(f"{Path(args.recipe).name} does not fit and no layout does: use more "
+                         "GPUs, or GPUs with more memory")
+    raise InputError(f"{Path(args.recipe).name} does not fit; this does: "
+                     f"--tensor-model-parallel-size {better.tp} --pipeline-model-parallel-size "
+                     f"{better.pp} --micro-batch-size {better.micro_batch_size} (DP {better.dp}, "
+                     f"{better.total / 2**30:.1f} GiB)")
 
 
 def _print(plan, name: str) -> None:

@@ -21,10 +21,15 @@ def add_parsers(sub: typing.Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the report; a checkpoint that fails a check is a user error (exit 2)."""
     from maskllm_megatron.deploy.validate import format_report, validate_trtllm
+    from maskllm_megatron.errors import CheckpointError
     from maskllm_megatron.paths import require_path
 
     require_path(args.directory, "exported checkpoint directory")
     report = validate_trtllm(args.directory, args.N, args.M)
     print(format_report(report))
-    return 0 if report.ok else 1
+    if not report.ok:
+        raise CheckpointError(f"{args.directory}: {len(report.violations)} check(s) failed "
+                              "(listed above); export it again with `maskllm export trtllm`")
+    return 0

@@ -7,7 +7,7 @@ config values, the expected tensor names and per-rank shapes for ``GPTForCausalL
 style and Nemotron) and ``LlamaForCausalLM``, dtypes, replicated tensors identical across TP
 ranks, padded vocabulary rows zero, and at most N non-zeros in every aligned group of M along
 the input (last) axis of every GEMM weight. :func:`validate_trtllm` returns the violations and
-the warnings; ``maskllm validate trtllm DIR`` exits non-zero when there are violations.
+the warnings; ``maskllm validate trtllm DIR`` exits 2 (a user error) when there are violations.
 
 Each rule is one ``check_*`` function that returns its findings (a list of violations, or a
 :class:`Report` where a rule also warns or measures); :func:`validate_trtllm` runs them in the

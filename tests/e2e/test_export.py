@@ -210,7 +210,8 @@ def test_the_validator_rejects_tampered_checkpoints(exported, tmp_path):
     assert any("mapping has keys ['rank']" in v for v in report.violations)
     # the command line: exit code and the list of violations
     proc = _run(["validate", "trtllm", str(copy)], check=False)
-    assert proc.returncode == 1 and "mapping has keys" in proc.stdout
+    assert proc.returncode == 2 and "mapping has keys" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: maskllm validate trtllm: ")
     proc = _run(["validate", "trtllm", str(source)], check=False)
     assert proc.returncode == 0 and "valid" in proc.stdout
 

@@ -16,7 +16,8 @@ def _plan(recipe, nodes, gpus, memory, capsys):
 
     code = main(["plan", str(ROOT / "examples" / recipe), "--nodes", str(nodes),
                  "--gpus-per-node", str(gpus), "--gpu-memory", str(memory)])
-    return code, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
 def _total(out):
@@ -65,12 +66,12 @@ def test_plan_nemotron_15b_with_pipeline_parallelism(capsys, monkeypatch):
 def test_plan_refuses_what_does_not_fit_and_suggests_what_does(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     code, out = _plan("gpt3-2b.yaml", 1, 8, 24, capsys)
-    assert code == 1 and "does NOT fit" in out
+    assert code == 2 and "does NOT fit" in out  # a user error: one line saying what fits
     suggestion = re.search(r"--tensor-model-parallel-size (\d+) --pipeline-model-parallel-size "
                            r"(\d+) --micro-batch-size (\d+) \(DP (\d+), ([\d.]+) GiB\)", out)
     assert suggestion and float(suggestion[5]) <= 24 * 0.9
     code, out = _plan("llama2-13b.yaml", 1, 8, 16, capsys)
-    assert code == 1 and "no layout fits" in out
+    assert code == 2 and "no layout does" in out
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
