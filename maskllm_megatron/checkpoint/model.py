@@ -26,6 +26,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 
 from maskllm_megatron import distributed
+from maskllm_megatron.checkpoint.integrity import seal, seal_collective, verify
 from maskllm_megatron.core.nm import NMPattern
 from maskllm_megatron.model.build import build_model
 from maskllm_megatron.model.layers import (
@@ -93,6 +94,7 @@ def write_sharded(sharded_state_dict, path: str | Path) -> None:
     megatron's loader reads the result like any ``torch_dist`` checkpoint."""
     dist_checkpointing.save(sharded_state_dict, str(path),
                             sharded_strategy=InProcessTorchDistSave())
+    seal_collective(path)  # checksums.json: every rank hashes the files it wrote
 
 
 def _pattern_of(model) -> str | None:
@@ -128,6 +130,7 @@ def save_model(model, path: str | Path, masks_only: bool = False) -> None:
         tmp = path / (SIDECAR + ".tmp")
         tmp.write_text(json.dumps(sidecar, indent=1))
         tmp.replace(path / SIDECAR)
+        seal(path)  # adds the sidecar to the manifest
     if dist.is_initialized():
         dist.barrier()
 
@@ -149,6 +152,7 @@ def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
     if missing_masks not in ("error", "keep"):
         raise ValueError(f"missing_masks must be 'error' or 'keep', got {missing_masks!r}")
     path = Path(path)
+    verify(path, collective=True)
     if not (path / "metadata.json").exists():
         raise FileNotFoundError(f"{path} is not a megatron-core distributed checkpoint "
                                 "(no metadata.json)")

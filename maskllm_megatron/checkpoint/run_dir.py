@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from maskllm_megatron.checkpoint.integrity import seal, verify
 from maskllm_megatron.errors import TrainingError
+from maskllm_megatron.model.config import MODEL_FILES
 
 TRAIN_STATE = "train_state.json"
 
@@ -40,10 +42,12 @@ def write_checkpoint(root: str | Path, iteration: int, write_tensors, train_stat
     write_tensors(tmp)
     if rank0:
         (tmp / TRAIN_STATE).write_text(json.dumps(train_state))
+        seal(tmp)  # train_state.json (model/ and optimizer/ have their own checksums)
         os.replace(tmp, final)
         pointer = root / "latest.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, root / "latest")  # written last: the checkpoint is complete
+        seal(root, names=("latest", *MODEL_FILES))  # not the logs, which keep growing
         for old in sorted(root.glob("iter_???????"))[:-max(1, keep)]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -51,6 +55,7 @@ def write_checkpoint(root: str | Path, iteration: int, write_tensors, train_stat
 
 
 def read_train_state(checkpoint: str | Path) -> dict:
+    verify(checkpoint)
     return json.loads((Path(checkpoint) / TRAIN_STATE).read_text())
 
 
@@ -58,6 +63,7 @@ def latest_checkpoint(root: str | Path | None) -> Path | None:
     if root is None:
         return None
     pointer = Path(root) / "latest"
+    verify(root, names=("latest",))
     if not pointer.exists():
         return None
     path = Path(root) / pointer.read_text().strip()

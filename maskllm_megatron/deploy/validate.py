@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from maskllm_megatron.checkpoint.integrity import verify
+from maskllm_megatron.errors import CheckpointError
+
 ARCHITECTURES = ("GPTForCausalLM", "NemotronForCausalLM", "LlamaForCausalLM")
 DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 POSITION_TYPES = ("learned_absolute", "rope_gptj", "rope_gpt_neox", "long_rope", "alibi",
@@ -400,6 +403,11 @@ def validate_trtllm(directory: str | Path, n: int = 2, m: int = 4) -> Report:
     """Every check of the reference's section 6 that needs no GPU."""
     directory = Path(directory)
     report = Report()
+    try:  # checksums.json, written by the exporter: a damaged file is reported alone
+        verify(directory)
+    except CheckpointError as err:
+        report.add([str(err)])
+        return report
     try:
         cfg = json.loads((directory / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
