@@ -75,17 +75,25 @@ def read_manifest(directory: str | Path) -> dict[str, dict] | None:
     problem = _manifest_problem(data)
     if problem:
         raise CheckpointError(f"{path} is damaged ({problem}); {_ADVICE}")
+    if data["digest"] != _self_digest(data["files"]):
+        raise CheckpointError(f"{path} is damaged (its entries do not match its own digest); "
+                              f"{_ADVICE}")
     return data["files"]
 
 
+def _self_digest(files: dict) -> str:
+    """sha256 of the entries: a damaged manifest is told from a damaged file it lists."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def _manifest_problem(data) -> str | None:
-    if not isinstance(data, dict) or set(data) != {"format", "algorithm", "files"}:
-        return "expected the keys format, algorithm, files"
+    if not isinstance(data, dict) or set(data) != {"format", "algorithm", "files", "digest"}:
+        return "expected the keys format, algorithm, files, digest"
     if data["format"] != FORMAT_VERSION:
         return f"format {data['format']!r}, this version reads {FORMAT_VERSION}"
     if data["algorithm"] != ALGORITHM:
         return f"algorithm {data['algorithm']!r}, expected {ALGORITHM!r}"
-    if not isinstance(data["files"], dict):
+    if not isinstance(data["files"], dict) or not isinstance(data["digest"], str):
         return "files is not a mapping"
     for name, entry in data["files"].items():
         parts = Path(name).parts
@@ -101,7 +109,8 @@ def _manifest_problem(data) -> str | None:
 def _write_manifest(directory: Path, files: dict[str, dict]) -> None:
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"format": FORMAT_VERSION, "algorithm": ALGORITHM,
-                               "files": dict(sorted(files.items()))}, indent=1))
+                               "files": dict(sorted(files.items())),
+                               "digest": _self_digest(files)}, indent=1))
     os.replace(tmp, directory / MANIFEST)
 
 
@@ -201,7 +210,8 @@ def _check(directory: Path, name: str, entry: dict) -> str | None:
                 f"incomplete: {_ADVICE}")
     if size != entry["size"]:
         what = "truncated" if size < entry["size"] else "longer than written"
-        return (f"{where} is {what}: {size} bytes, {entry['size']} when saved; {_ADVICE}")
+        return (f"{where} is {what}: {size} bytes, {entry['size']} when saved (per {MANIFEST}); "
+                f"{_ADVICE}")
     try:
         digest = file_digest(path)
     except OSError as err:

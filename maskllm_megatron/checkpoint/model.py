@@ -269,6 +269,7 @@ def load_sparse_model(path: str | Path, cfg, pattern, masks: str = "auto",
     masks applied: the argmax of learned logits (hard), fixed masks, or none. Returns (model,
     mode, pattern); the pattern recorded in the checkpoint wins over ``pattern``."""
     layout = distributed.current_layout()
+    verify(path, names=(SIDECAR,))  # read before load_model verifies the rest
     stored = checkpoint_mask_mode(path)
     recorded = (read_sidecar(path) or {}).get("pattern")
     pattern = NMPattern.parse(recorded) if recorded else pattern
