@@ -132,3 +132,15 @@ def test_hashing_streams(tmp_path, monkeypatch):
                         lambda f, name: calls.append(name) or real(f, name))
     assert integrity.file_digest(big) == integrity.hashlib.sha256(bytes(64 << 20)).hexdigest()
     assert calls == ["sha256"]
+
+
+def test_an_edited_entry_is_told_from_a_damaged_file(tmp_path):
+    """The manifest carries a digest of its own entries: a changed size or sha256 in it is
+    reported as a damaged manifest, not as a damaged file."""
+    d = _directory(tmp_path)
+    seal(d)
+    data = json.loads((d / MANIFEST).read_text())
+    data["files"][".metadata"]["size"] += 1
+    (d / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=f"{MANIFEST} is damaged .*own digest"):
+        verify(d)
