@@ -165,10 +165,16 @@ def seal(directory: str | Path, names: Iterable[str] | None = None,
             continue
         stat = path.stat()
         entry = old.get(name)
-        # a file modified at (or after) the manifest's time may have been rewritten: hash it
-        if entry is None or entry["size"] != stat.st_size or stat.st_mtime_ns >= written:
+        # a file changed at (or after) the manifest's time may have been rewritten: hash it
+        # (ctime too: a copy that keeps the source's mtime, shutil.copy2, still sets it)
+        changed = max(stat.st_mtime_ns, stat.st_ctime_ns)
+        if entry is None or entry["size"] != stat.st_size or changed >= written:
             entry = _entry(path)
         files[name] = entry
+    for name, entry in {**old, **(known or {})}.items():  # another node's file this listing
+        if name not in files and (names is None or name in names) \
+                and (directory / name).is_file():  # did not show yet (network filesystems)
+            files[name] = entry
     _write_manifest(directory, files)
     return files
 

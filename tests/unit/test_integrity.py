@@ -144,3 +144,18 @@ def test_an_edited_entry_is_told_from_a_damaged_file(tmp_path):
     (d / MANIFEST).write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=f"{MANIFEST} is damaged .*own digest"):
         verify(d)
+
+
+def test_a_file_replaced_by_a_copy_keeping_an_old_mtime_is_hashed_again(tmp_path):
+    import shutil
+
+    d = _directory(tmp_path)
+    source = tmp_path / "other.json"
+    source.write_text('{"b": 2}')
+    os.utime(source, ns=(1, 1))  # older than any manifest
+    (d / "model_config.json").write_text('{"a": 1}')
+    seal(d)
+    time.sleep(0.01)
+    shutil.copy2(source, d / "model_config.json")  # same size, the source's old mtime
+    seal(d)
+    verify(d)
