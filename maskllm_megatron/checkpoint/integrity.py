@@ -29,6 +29,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from maskllm_megatron.errors import CheckpointError
@@ -39,6 +40,7 @@ ALGORITHM = "sha256"
 MODEL_FILES = ("model_config.json", "hf_config.json")
 _HEX = re.compile(r"[0-9a-f]{64}")
 _ADVICE = "copy or download the checkpoint again"
+HASH_THREADS = min(8, os.cpu_count() or 1)  # files hashed at once by one process
 
 
 def _group():
@@ -259,10 +261,11 @@ def verify(directory: str | Path, names: Iterable[str] | None = None,
         if found:
             raise CheckpointError(found[0][1])
         return
-    for name in listed:
-        problem = _check(directory, name, files[name])
-        if problem:
-            raise CheckpointError(problem)
+    # one process checks every file: several at once (hashlib releases the GIL while hashing)
+    with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(listed)))) as pool:
+        for problem in pool.map(lambda name: _check(directory, name, files[name]), listed):
+            if problem:
+                raise CheckpointError(problem)
 
 
 def verify_model_files(*paths: str | Path) -> None:
