@@ -30,6 +30,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 
 from maskllm_megatron import distributed
+from maskllm_megatron.checkpoint.integrity import seal, seal_collective, verify
 from maskllm_megatron.checkpoint.safe_load import (
     load_sharded,
     read_json,
@@ -105,6 +106,7 @@ def write_sharded(sharded_state_dict, path: str | Path) -> None:
     metadata, None for megatron's local modules), so a checkpoint holds tensors only."""
     dist_checkpointing.save(without_extra_state(sharded_state_dict), str(path),
                             sharded_strategy=InProcessTorchDistSave())
+    seal_collective(path)  # checksums.json: every rank hashes the files it wrote
 
 
 def without_extra_state(tree):
@@ -154,6 +156,7 @@ def save_model(model, path: str | Path, masks_only: bool = False) -> None:
         tmp = path / (SIDECAR + ".tmp")
         tmp.write_text(json.dumps(sidecar, indent=1))
         tmp.replace(path / SIDECAR)
+        seal(path)  # adds the sidecar to the manifest
     if dist.is_initialized():
         dist.barrier()
 
@@ -182,6 +185,7 @@ def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
     if missing_masks not in ("error", "keep"):
         raise ValueError(f"missing_masks must be 'error' or 'keep', got {missing_masks!r}")
     path = Path(path)
+    verify(path, collective=True)
     if not (path / "metadata.json").exists():
         raise CheckpointError(f"{path} is not a megatron-core distributed checkpoint "
                               "(no metadata.json)")
@@ -298,6 +302,7 @@ def load_sparse_model(path: str | Path, cfg, pattern, masks: str = "auto",
     masks applied: the argmax of learned logits (hard), fixed masks, or none. Returns (model,
     mode, pattern); the pattern recorded in the checkpoint wins over ``pattern``."""
     layout = distributed.current_layout()
+    verify(path, names=(SIDECAR,))  # read before load_model verifies the rest
     stored = checkpoint_mask_mode(path)
     recorded = (read_sidecar(path) or {}).get("pattern")
     pattern = NMPattern.parse(recorded) if recorded else pattern

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from maskllm_megatron.checkpoint.integrity import verify
 from maskllm_megatron.checkpoint.model import parameter_entries, write_sharded
 from maskllm_megatron.checkpoint.safe_load import load_sharded
 
@@ -39,6 +40,7 @@ def save_moments(model, optimizer, path: str | Path) -> None:
 
 def load_moments(model, optimizer, path: str | Path, step_count: int) -> None:
     """Read the moments under ``path`` into ``optimizer``'s data-parallel slices."""
+    verify(path, collective=True)
     params = optimizer.params()
     empty = {id(p): {name: torch.empty(p.shape, dtype=getattr(optimizer.format, f"{name}_dtype"),
                                        device=p.device)

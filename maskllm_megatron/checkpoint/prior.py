@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+from maskllm_megatron.checkpoint.integrity import verify
 from maskllm_megatron.checkpoint.model import parameter_entries
 from maskllm_megatron.checkpoint.safe_load import load_sharded, read_tensors_metadata
 from maskllm_megatron.core.nm import apply_prior, indices_to_mask
@@ -20,6 +21,7 @@ def apply_prior_checkpoint(model, path: str | Path, strength: float) -> None:
     """Bias the logits towards the hard masks stored in ``path``: fixed masks
     (``mask_indices``, e.g. a trimmed run or a one-shot pruner) or the argmax of another
     run's logits (the paper's downstream transfer). Works at any TP x PP layout."""
+    verify(path, collective=True)
     stored = read_tensors_metadata(path)
     entries = parameter_entries(model)
     request, kinds = {}, {}

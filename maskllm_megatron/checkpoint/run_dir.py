@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from maskllm_megatron.checkpoint.integrity import seal, verify
 from maskllm_megatron.checkpoint.safe_load import read_json
 from maskllm_megatron.errors import CheckpointError
+from maskllm_megatron.model.config import MODEL_FILES
 
 TRAIN_STATE = "train_state.json"
 STATE_KEYS = frozenset({"iteration", "pattern", "seed", "optimizer_step"})
@@ -43,10 +45,14 @@ def write_checkpoint(root: str | Path, iteration: int, write_tensors, train_stat
     write_tensors(tmp)
     if rank0:
         (tmp / TRAIN_STATE).write_text(json.dumps(train_state))
+        seal(tmp)  # train_state.json (model/ and optimizer/ have their own checksums)
         os.replace(tmp, final)
         pointer = root / "latest.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, root / "latest")  # written last: the checkpoint is complete
+        # the model files only: not the logs, which keep growing, nor ``latest``, which a kill
+        # between its move and this seal would leave unmatched (latest_checkpoint checks it)
+        seal(root, names=MODEL_FILES)
         for old in sorted(root.glob("iter_???????"))[:-max(1, keep)]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -54,6 +60,7 @@ def write_checkpoint(root: str | Path, iteration: int, write_tensors, train_stat
 
 
 def read_train_state(checkpoint: str | Path) -> dict:
+    verify(checkpoint)
     path = Path(checkpoint) / TRAIN_STATE
     state = read_json(path)
     if not isinstance(state, dict) or not STATE_KEYS <= state.keys():
@@ -62,7 +69,20 @@ def read_train_state(checkpoint: str | Path) -> dict:
     return state
 
 
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """``root``'s ``iter_NNNNNNN`` directories, oldest first: each is renamed into place only
+    when complete (``iter_N.tmp`` is one a save killed midway left behind)."""
+    return sorted(d for d in Path(root).glob("iter_???????")
+                  if re.fullmatch(r"iter_\d{7}", d.name) and (d / TRAIN_STATE).exists())
+
+
 def latest_checkpoint(root: str | Path | None) -> Path | None:
+    """The newest complete checkpoint of a run directory (``None`` before the first save).
+
+    ``latest`` is moved after the checkpoint's rename, so a run killed between the two has a
+    newer complete checkpoint than it names: the newest one wins. ``latest`` is still checked:
+    one that does not name an ``iter_N`` or names a checkpoint that is not there is damage,
+    and a clear error rather than a guess."""
     if root is None:
         return None
     pointer = Path(root) / "latest"
@@ -74,11 +94,13 @@ def latest_checkpoint(root: str | Path | None) -> Path | None:
         name = None
     if name is None or not re.fullmatch(r"iter_\d{7}", name):
         raise CheckpointError(f"{pointer}: does not name an iter_NNNNNNN checkpoint; the run "
-                              "directory is corrupted, point it at a complete checkpoint")
-    path = Path(root) / name
-    if not (path / TRAIN_STATE).exists():
-        raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing")
-    return path
+                              "directory is corrupted, write the name of its newest complete "
+                              "iter_N into it")
+    named = Path(root) / name
+    if not (named / TRAIN_STATE).exists():
+        raise CheckpointError(f"{pointer} names {name}, which is incomplete or missing; write "
+                              "the name of the run's newest complete iter_N into it")
+    return complete_checkpoints(root)[-1]
 
 
 def model_dir(path: str | Path) -> Path:

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from maskllm_megatron import distributed
+from maskllm_megatron.checkpoint.integrity import seal, verify, verify_model_files
 from maskllm_megatron.checkpoint.model import load_sparse_model, save_model
 from maskllm_megatron.checkpoint.run_dir import model_dir
 from maskllm_megatron.checkpoint.safe_load import read_json
@@ -60,6 +61,7 @@ def load_for_export(load: str | Path, n: int = 2, m: int = 4):
     distributed.use_layout(1, 1, what="export")  # whole tensors on every rank
     require_path(load, "checkpoint")
     source = model_dir(load)
+    verify_model_files(load, source, source.parent)
     config_dir = next((d for d in (Path(load), source, source.parent)
                        if (d / "model_config.json").exists()), None)
     if config_dir is None:
@@ -147,6 +149,7 @@ def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> TrimRepor
         def describe() -> None:
             copy_model_files(config_dir, tmp)
             cfg.save(tmp)
+            seal(tmp)
 
         distributed.on_rank0(describe)
     masks = sum(layer.mask_indices.numel() for _, layer in sparse_layers(model))
@@ -344,6 +347,7 @@ def _write_trtllm(state: dict, cfg: ModelConfig, config: dict, tmp: Path, tp: in
         save_file({k: v.to(TRT_DTYPES[dtype]).contiguous() for k, v in tensors.items()},
                   str(tmp / f"rank{rank}.safetensors"))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    seal(tmp)
     report = validate_trtllm(tmp, pattern.n, pattern.m)
     if not report.ok:  # our writer broke its own format: a bug, not the user's input
         raise RuntimeError("the exported checkpoint fails validation:\n" + format_report(report))
@@ -405,10 +409,12 @@ def _write_hf_export(state, masks, mapping, hf, pattern, config_dir, tmp, progre
                           "bits_per_weight": 8 * sum(t.numel() for t in packed.values())
                           / max(1, weights)}
     (tmp / "config.json").write_text(json.dumps(hf_out, indent=1))
+    seal(tmp)  # adds the masks and the rewritten config.json
 
 
 def load_packed_masks(directory: str | Path) -> dict[str, torch.Tensor]:
     """HF parameter name -> boolean mask (True = kept), from ``nm_masks.safetensors``."""
+    verify(directory, names=(MASKS_FILE,))
     path = Path(directory) / MASKS_FILE
     masks = {}
     try:

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from maskllm_megatron.checkpoint.integrity import verify
+from maskllm_megatron.errors import CheckpointError
+
 ARCHITECTURES = ("GPTForCausalLM", "NemotronForCausalLM", "LlamaForCausalLM")
 DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 POSITION_TYPES = ("learned_absolute", "rope_gptj", "rope_gpt_neox", "long_rope", "alibi",
@@ -415,8 +418,23 @@ def check_build_recipe(cfg: dict) -> Report:
 
 
 def validate_trtllm(directory: str | Path, n: int = 2, m: int = 4) -> Report:
-    """Every check of the reference's section 6 that needs no GPU."""
+    """Every check of the reference's section 6 that needs no GPU, after the files' checksums
+    (``checksums.json``, written by the exporter): a damaged or edited file is a violation."""
     directory = Path(directory)
+    try:
+        verify(directory)
+    except CheckpointError as err:
+        report = Report([str(err)])
+        try:  # the rules' findings too, where the damaged file still parses
+            report.add(check_files(directory, n, m))
+        except Exception:  # noqa: BLE001, S110 - a damaged file may break a rule; reported above
+            pass
+        return report
+    return check_files(directory, n, m)
+
+
+def check_files(directory: Path, n: int = 2, m: int = 4) -> Report:
+    """The rules of the reference's section 6, on the files as they are."""
     report = Report()
     try:
         cfg = json.loads((directory / "config.json").read_text())

@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from tqdm import tqdm
 
 from maskllm_megatron import distributed
+from maskllm_megatron.checkpoint.integrity import verify_model_files
 from maskllm_megatron.checkpoint.model import load_sparse_model
 from maskllm_megatron.checkpoint.run_dir import model_dir
 from maskllm_megatron.core.nm import NMPattern
@@ -153,6 +154,7 @@ def evaluate_checkpoint(args) -> PerplexityReport:
     layout = distributed.use_layout(args.tensor_model_parallel_size,
                                     args.pipeline_model_parallel_size, args.seed, what="eval-ppl")
     path = model_dir(args.load)
+    verify_model_files(args.model_config or args.load)
     cfg = ModelConfig.load(args.model_config or args.load)
     seq_length = args.seq_length or cfg.max_sequence_length
     if seq_length > cfg.max_sequence_length:

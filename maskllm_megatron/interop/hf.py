@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from maskllm_megatron import distributed
+from maskllm_megatron.checkpoint.integrity import seal, verify, verify_model_files
 from maskllm_megatron.checkpoint.model import load_model, save_model
 from maskllm_megatron.checkpoint.run_dir import model_dir
 from maskllm_megatron.checkpoint.safe_load import read_json, torch_load_safely
@@ -337,7 +338,9 @@ class HFReader:
     """Lazy access to the tensors of an HF directory (safetensors, sharded or not, or a
     weights-only ``pytorch_model.bin``); remembers what was read for error messages."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, check: bool = True):
+        if check:  # the directory's checksums.json, when it has one (our HF exports)
+            verify(directory)
         self.files: dict[str, object] = {}
         self.where: dict[str, str] = {}
         index = directory / "model.safetensors.index.json"
@@ -429,13 +432,14 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
     hf_dir, out = Path(hf_dir), Path(out)
     require_path(hf_dir, "Hugging Face model directory")
     require_separate(out, hf_dir, tokenizer)
+    verify(hf_dir, collective=True)  # before config.json is read
     if not (hf_dir / "config.json").exists():
         raise FileNotFoundError(f"{hf_dir} has no config.json")
     hf = read_json(hf_dir / "config.json")
     arch = architecture(hf)
     cfg = model_config_from_hf(hf, tp, divisible_by)
     check_parallel(cfg.transformer, tp, pp)
-    reader = HFReader(hf_dir)
+    reader = HFReader(hf_dir, check=False)  # verified above
     distributed.use_layout(1, 1, what="conversion")
     model = build_model(cfg, sparse_layers=(), perform_initialization=False)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
@@ -468,6 +472,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
                 cfg.tokenizer = TOKENIZER_DIR  # relative: resolved beside model_config.json
             cfg.save(tmp)
             (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=1))
+            seal(tmp)
             return cfg
 
         cfg = distributed.on_rank0(describe)
@@ -485,6 +490,7 @@ def mcore_to_hf(mcore_dir: str | Path, out: str | Path, max_shard_bytes: int = 5
     if _state is None:
         require_separate(out, mcore_dir)
     source = model_dir(mcore_dir)
+    verify_model_files(mcore_dir, source, source.parent)
     config_dir = next((d for d in (mcore_dir, source, source.parent)
                        if (d / HF_CONFIG).exists()), None)
     if config_dir is not None:
@@ -550,4 +556,5 @@ def _write_hf(state: dict, hf: dict, cfg: ModelConfig, config_dir: Path, out: Pa
         tok = tok if tok.is_absolute() else config_dir / tok
         if tok.is_dir():
             _copy_tokenizer(tok, out)
+    seal(out)
     return out

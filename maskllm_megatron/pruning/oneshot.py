@@ -29,6 +29,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tqdm import tqdm
 
 from maskllm_megatron import distributed
+from maskllm_megatron.checkpoint.integrity import seal, verify_model_files
 from maskllm_megatron.checkpoint.model import load_model, save_model
 from maskllm_megatron.checkpoint.run_dir import model_dir
 from maskllm_megatron.core.nm import NMPattern, check_groupable, mask_from_scores, mask_to_indices
@@ -301,6 +302,7 @@ def prune_checkpoint(args) -> PruneReport:
         require_separate(Path(args.save) / sub, args.load, args.model_config)
     layout = distributed.use_layout(args.tensor_model_parallel_size,
                                     args.pipeline_model_parallel_size, args.seed, what="prune")
+    verify_model_files(args.model_config or args.load)
     cfg = ModelConfig.load(args.model_config or args.load)
     seq_length = args.seq_length or cfg.max_sequence_length
     if args.sequence_parallel and seq_length % layout.tp:
@@ -347,6 +349,7 @@ def prune_checkpoint(args) -> PruneReport:
             for sub in (pruned, masks):
                 copy_model_files(source, sub)
                 cfg.save(sub)
+                seal(sub)
 
         distributed.on_rank0(describe)
     kept = torch.stack([(layer.weight != 0).double().mean() for _, layer in sparse_layers(model)])

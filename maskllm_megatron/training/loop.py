@@ -33,6 +33,7 @@ from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradS
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from maskllm_megatron import distributed
+from maskllm_megatron.checkpoint.integrity import verify_model_files
 from maskllm_megatron.checkpoint.model import load_model, save_model
 from maskllm_megatron.checkpoint.optimizer import load_moments, save_moments
 from maskllm_megatron.checkpoint.prior import apply_prior_checkpoint
@@ -216,6 +217,7 @@ def _model_config(args: TrainArgs) -> ModelConfig:
     source = args.model_config or args.load
     if source is None:
         raise InputError("give --model-config (or --load with a model_config.json)")
+    verify_model_files(source)
     return ModelConfig.load(source)
 
 

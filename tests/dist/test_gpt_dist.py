@@ -281,6 +281,7 @@ def test_mismatched_checkpoints_are_clear_errors(dist4, tmp_path):
     other = str(tmp_path / "no-sidecar")
     shutil.copytree(path, other)
     (tmp_path / "no-sidecar" / "maskllm.json").unlink()
+    (tmp_path / "no-sidecar" / "checksums.json").unlink()  # as an older version wrote it
     errors = dist4.run(case_load_errors, path, other, tp=2)[0]
     assert "holds 2:4 masks" in errors["pattern"] and "1:4" in errors["pattern"]
     assert re.search(r"global shape \[2, \d+, 16, 6\].*expects \[2, \d+, 16, 4\] for 1:4",
