@@ -89,8 +89,8 @@ with cpu_shims():
         chunk, optimizer = loop._optimizer(model, train_args, torch.device("cpu"))
         start = loop._restore(train_args, model, optimizer, None, P24)
         moments = optimizer.gather_moments()
-        flat = {f"{i}.{name}": t for i, (_, d) in enumerate(sorted(moments.items()))
-                for name, t in d.items()}
+        flat = {f"{i}.{name}": t for i, p in enumerate(optimizer.params())  # in parameter order
+                for name, t in moments[id(p)].items()}
         return {"start": start, "tensors": tensors_of(model.state_dict()),
                 "moments": tensors_of(flat)}
 

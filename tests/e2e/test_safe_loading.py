@@ -3,6 +3,9 @@
 ``.metadata``, an HF ``pytorch_model.bin``) is refused with one ``error:`` line naming the file
 and exit code 2, and the pickle's payload (creating a marker file) never runs.
 
+Each planter re-seals the checkpoint's ``checksums.json``, as whoever planted the pickle would:
+the checksums catch damage, these checks catch intent.
+
 The commands run in this process through ``maskllm_megatron.cli.main`` (each starts and shuts
 down its own process group, as in a subprocess); one subprocess checks the real command."""
 
@@ -16,6 +19,8 @@ import torch
 from cli_runner import run_cli
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+from maskllm_megatron.checkpoint.integrity import seal
 
 
 class Planted:
@@ -35,6 +40,7 @@ def plant_metadata(checkpoint: Path, marker: Path) -> Path:
         metadata = pickle.load(f)  # our own freshly written file
     metadata.planner_data = Planted(marker)
     file.write_bytes(pickle.dumps(metadata))
+    seal(checkpoint)
     return file
 
 
@@ -54,12 +60,14 @@ def plant_byte_item(checkpoint: Path, marker: Path, key: str = "decoder._extra_s
     metadata.storage_data[MetadataIndex(key)] = _StorageInfo(distcp.name, offset,
                                                              len(payload.getvalue()))
     file.write_bytes(pickle.dumps(metadata))
+    seal(checkpoint)
     return distcp
 
 
 def plant_common(checkpoint: Path, marker: Path) -> Path:
     file = checkpoint / "common.pt"
     torch.save({"payload": Planted(marker)}, file)
+    seal(checkpoint)
     return file
 
 
@@ -180,6 +188,7 @@ def test_a_tensor_replaced_by_a_pickle_is_refused(built, tmp_path, capsys):
     index = next(i for i in metadata.storage_data if i.fqn.endswith("linear_proj.weight"))
     metadata.storage_data[index] = _StorageInfo(distcp.name, offset, len(payload.getvalue()))
     (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+    seal(checkpoint)
     _refused(capsys, ["convert", "mcore-to-hf", "--mcore", str(checkpoint), "--out",
                       str(tmp_path / "out"), "--no-progress"], distcp, marker)
 
