@@ -154,8 +154,8 @@ def set_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world % (tp * pp) != 0:
         raise InputError(f"tensor ({tp}) x pipeline ({pp}) parallel size must divide the world "
-                         f"size ({world} processes); start a multiple of {max(tp, 1) * max(pp, 1)}"
-                         " processes (torchrun --nproc-per-node) or choose smaller sizes")
+                         f"size ({world}): start a multiple of {max(tp, 1) * max(pp, 1)} "
+                         "processes (torchrun --nproc-per-node) or choose smaller sizes")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
         _destroy_subgroups()

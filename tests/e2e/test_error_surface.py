@@ -159,7 +159,7 @@ def test_a_layout_that_does_not_divide_the_model_or_the_world(made, corpus, tmp_
                 out, says=["--pp 3 must divide"])
     _user_error(capsys, ["export", "trtllm", "--load", str(made / "pruned" / "pruned"), "--out",
                          str(out), "--tp", "3", "--no-progress"], out, says=["TP=3 x PP=1"])
-    world = ["must divide the world size (1 processes)", "torchrun"]
+    world = ["must divide the world size (1)", "torchrun"]
     _user_error(capsys, ["eval-ppl", "--load", str(made / "mcore"), "--text",
                          str(corpus / "text.txt"), "--tensor-model-parallel-size", "2"],
                 says=world)
