@@ -14,8 +14,9 @@ megatron, transformers and TensorRT-LLM ignore the extra file.
   the tokenizer, ``train_state.json``): the writer seals again; entries already listed are kept
   (unless the file was rewritten after the manifest), new files are hashed.
 * Subdirectories holding their own manifest (``iter_N/model``, ``iter_N/optimizer``) are left
-  to it; ``names`` restricts a manifest to some files (a run directory's ``latest`` pointer and
-  model files, not its growing logs).
+  to it; ``names`` restricts a manifest to some files (a run directory's model files: not its
+  growing logs, nor ``latest``, which moves after each checkpoint and is checked by
+  ``run_dir.latest_checkpoint`` instead).
 * ``verify(..., collective=True)`` on every rank splits the files over the ranks (file ``i`` on
   rank ``i % world``) and every rank raises the same error.
 * A directory without a manifest (another tool's, or an older version's) loads unchecked.
