@@ -88,8 +88,10 @@ class TrainArgs:
     prior_strength: float = _flag(3.0, "logit bias towards the --prior mask (the paper: 3)")
     prior: str | None = _flag(None, "checkpoint whose masks (e.g. SparseGPT's, from maskllm "
                               "prune) initialise the logits (default: none, uniform logits)")
-    weight_reg: float = _flag(1e-5, "weight of the regulariser sum((W * mask)^2), "
-                              "decayed linearly to 0 over the run")
+    weight_reg: float = _flag(1e-5, "weight lambda of the sparse-weight regulariser, "
+                              "subtracted from the LM loss as in MaskLLM: loss = LM - lambda * "
+                              "(1 - t/T) * sum((W * mask)^2), rewarding masks that keep large "
+                              "weights; decayed linearly to 0 over the run; >= 0 (0: off)")
     train_weights: bool = _flag(False, "train the weights too (default: frozen, only masks "
                                 "learn)")
     dense: bool = _flag(False, "masks off: dense pretraining (needs --train-weights)")
@@ -143,6 +145,10 @@ class TrainArgs:
             raise InputError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.train_iters < 1:
             raise InputError("--train-iters must be positive")
+        if not self.weight_reg >= 0:  # NaN too
+            raise InputError(f"--weight-reg must be >= 0 (got {self.weight_reg}): it is the "
+                             "regulariser's magnitude; the trainer subtracts the term as "
+                             "MaskLLM does (0 turns it off)")
         for name in ("gumbel_temperature_range", "gumbel_scale_range"):
             if len(getattr(self, name)) != 2:
                 raise InputError(f"--{name.replace('_', '-')} takes two numbers: start end")

@@ -11,7 +11,8 @@ Story of one run (:func:`train`):
 4. each iteration: tau / kappa from the iteration, the learning rate from megatron's
    ``OptimizerParamScheduler``; megatron's forward-backward over the micro-batches (each
    micro-batch draws its own sample, each data-parallel rank too), the sparse-weight
-   regulariser of *every* pipeline stage, ``finalize_model_grads``; megatron's grad norm and
+   regulariser of *every* pipeline stage subtracted with the paper's sign
+   (``LM - lambda(t) * sum ||W * M~||^2``), ``finalize_model_grads``; megatron's grad norm and
    clipping; non-finite steps refused; AdamW on this rank's slices, parameters all-gathered;
 5. log (progress bar, JSONL, TensorBoard), save atomically, and plot at the end.
 
@@ -67,7 +68,11 @@ from maskllm_megatron.training.metrics import (
     print_memory_table,
 )
 from maskllm_megatron.training.optim import ShardedAdamW, state_format
-from maskllm_megatron.training.step import forward_backward, validation_loss
+from maskllm_megatron.training.step import (
+    forward_backward,
+    regularizer_weight,
+    validation_loss,
+)
 
 FAULT_INJECTION = "MASKLLM_FAULT_INJECTION"
 
@@ -164,7 +169,7 @@ def _train(args: TrainArgs, layout) -> dict:
         state = SamplingState(seed=args.seed, iteration=iteration, dp_rank=layout.dp_rank,
                               tau=schedule.tau(iteration), kappa=schedule.kappa(iteration))
         lr = optimizer.param_groups[0]["lr"]
-        reg_weight = args.weight_reg * (1.0 - iteration / args.train_iters)
+        reg_weight = regularizer_weight(args.weight_reg, iteration, args.train_iters)
         optimizer.zero_grad()
         loss, reg = forward_backward(chunk, state, train_ds, batches, iteration, seq_length,
                                       reg_weight, layout.device)
@@ -190,8 +195,9 @@ def _train(args: TrainArgs, layout) -> dict:
             logger.note(f"iteration {iteration}: {refusal}")
             continue
         step = iteration + 1
-        metrics = dict(iteration=step, loss=loss, reg=reg, lr=lr, tau=state.tau,
-                       kappa=state.kappa, grad_norm=grad_norm, skipped=skipped)
+        # loss: the LM loss; reg: sum ||W * M~||^2; the step minimised loss - reg_weight * reg
+        metrics = dict(iteration=step, loss=loss, reg=reg, reg_weight=reg_weight, lr=lr,
+                       tau=state.tau, kappa=state.kappa, grad_norm=grad_norm, skipped=skipped)
         if args.log_interval and step % args.log_interval == 0:
             metrics.update(mask_statistics(model, previous_argmax, state))
             previous_argmax = argmax_snapshot(model)

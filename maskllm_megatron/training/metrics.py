@@ -78,7 +78,11 @@ def print_memory_table(model, optimizer: ShardedAdamW, args: TrainArgs) -> None:
 
 
 class TrainingLog:
-    """Progress bar, JSONL log and TensorBoard scalars on rank 0; PNG curves at the end."""
+    """Progress bar, JSONL log and TensorBoard scalars on rank 0; PNG curves at the end.
+
+    A record's ``loss`` is the LM loss and ``reg`` the regulariser ``sum ||W * M~||^2`` (every
+    stage's and TP shard's layers), kept apart; the step minimised
+    ``loss - reg_weight * reg`` (the paper's sign, ``training.step.REGULARIZER_SIGN``)."""
 
     def __init__(self, args: TrainArgs, active: bool, start: int):
         self.active, self.args = active, args

@@ -4,7 +4,9 @@ The language-model loss is written once (:func:`masked_lm_loss`); training, vali
 pruning's calibration all reach the model through :func:`forward_backward` and
 :func:`forward_passes`. Each model chunk gets its own iterator of ``(micro-batch index, batch)``
 (:func:`microbatch_iterators`), so the index that keys a forward call's noise is the schedule's
-own, also under megatron's interleaved (virtual pipeline) schedule.
+own, also under megatron's interleaved (virtual pipeline) schedule. The sparse-weight
+regulariser enters the loss with the paper's sign, defined once (:data:`REGULARIZER_SIGN`,
+applied by :func:`add_regularizer`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def masked_lm_loss(output_tensor: torch.Tensor, loss_mask: torch.Tensor):
 
 class _AuxLoss(torch.autograd.Function):
     """Identity on ``output`` whose backward also sends ``scale`` into ``aux`` (megatron's
-    MoE aux-loss idiom): adds a stage-local term to the loss on any pipeline stage."""
+    MoE aux-loss idiom): adds ``scale * aux`` to the loss on any pipeline stage."""
 
     @staticmethod
     def forward(ctx, output, aux, scale):
@@ -44,8 +46,37 @@ class _AuxLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return grad_output, torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32,
-                                       device=ctx.aux_device), None
+        ones = torch.ones(ctx.aux_shape, dtype=torch.float32, device=ctx.aux_device)
+        return grad_output, (ones * ctx.scale).reshape(ctx.aux_shape), None
+
+
+REGULARIZER_SIGN = -1.0
+"""The sign of the sparse-weight regulariser in the training loss, as in MaskLLM (Fang et al.,
+NeurIPS 2024, arXiv 2409.17481) and its original training loop:
+``loss = LM - lambda(t) * sum_layers ||W * M~||^2`` with ``lambda(t) = --weight-reg * (1 - t/T)``
+(:func:`regularizer_weight`). Subtracting it rewards masks that keep large-magnitude weights, so
+the gradients of the logits stay alive; its gradient into the soft mask is ``-2 lambda W^2 M~``.
+The sign is the method's: ``--weight-reg`` is the magnitude and may not be negative."""
+
+
+def regularizer_weight(weight_reg: float, iteration: int, train_iters: int) -> float:
+    """``lambda(t) = weight_reg * (1 - t/T)``: the paper's linear decay to 0 over the run."""
+    return weight_reg * (1.0 - iteration / train_iters)
+
+
+def add_regularizer(output: torch.Tensor, reg: torch.Tensor, reg_weight: float,
+                    num_microbatches: int, config=None) -> torch.Tensor:
+    """``output`` (unchanged) whose backward also adds this micro-batch's share of
+    ``REGULARIZER_SIGN * reg_weight * reg`` to the loss: this stage's (and TP shard's) layers,
+    on any pipeline stage. ``config`` (the model's): megatron's loss scale, as it scales the
+    LM loss, applies to the term too (fp16). Nothing is added when ``reg_weight`` is 0."""
+    if reg_weight == 0:
+        return output
+    scale = REGULARIZER_SIGN * reg_weight / num_microbatches
+    grad_scale_func = getattr(config, "grad_scale_func", None)
+    if grad_scale_func is not None:
+        scale = grad_scale_func(torch.full((1,), scale, dtype=torch.float32, device=reg.device))
+    return _AuxLoss.apply(output, reg, scale)
 
 
 def model_chunks(model) -> list:
@@ -63,9 +94,12 @@ def microbatch_iterators(model, num_microbatches: int,
 
 def forward_backward(model, state: SamplingState, dataset, batches, iteration: int,
                      seq_length: int, reg_weight: float, device) -> tuple[float, float]:
-    """megatron's forward-backward over this iteration's micro-batches; (loss, regulariser)
-    averaged over micro-batches and data parallel, the same on every rank. ``state`` is the
-    iteration's sampling state; each forward call samples at its own micro-batch."""
+    """megatron's forward-backward over this iteration's micro-batches; (LM loss, regulariser
+    ``sum ||W * M~||^2`` over every stage's and TP shard's layers), each averaged over
+    micro-batches and data parallel, the same on every rank. The loss it differentiates is
+    ``LM + REGULARIZER_SIGN * reg_weight * regulariser`` (:func:`add_regularizer`).
+    ``state`` is the iteration's sampling state; each forward call samples at its own
+    micro-batch."""
     regs: list[torch.Tensor] = []
 
     def forward_step(data_iterator, model):
@@ -76,8 +110,8 @@ def forward_backward(model, state: SamplingState, dataset, batches, iteration: i
         reg = sample.regularizer()
         if reg is not None:
             regs.append(reg.detach())
-            if reg_weight > 0:  # this stage's (and TP shard's) term, on every stage
-                output = _AuxLoss.apply(output, reg, reg_weight / batches.num_microbatches)
+            output = add_regularizer(output, reg, reg_weight, batches.num_microbatches,
+                                     getattr(model, "config", None))
         return output, functools.partial(masked_lm_loss, loss_mask=batch["loss_mask"])
 
     data = microbatch_iterators(
@@ -94,10 +128,10 @@ def forward_backward(model, state: SamplingState, dataset, batches, iteration: i
     if regs:
         totals[1] = torch.stack(regs).double().mean()
     dist.all_reduce(totals[:1], group=ps.get_pipeline_model_parallel_group())
-    dist.all_reduce(totals[:1], group=ps.get_data_parallel_group())
     dist.all_reduce(totals[1:], group=ps.get_model_parallel_group())  # every stage, TP shard
-    loss, reg = totals.tolist()
-    return loss / ps.get_data_parallel_world_size(), reg
+    dist.all_reduce(totals, group=ps.get_data_parallel_group())
+    loss, reg = (totals / ps.get_data_parallel_world_size()).tolist()
+    return loss, reg
 
 
 @torch.no_grad()
