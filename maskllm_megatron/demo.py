@@ -332,9 +332,9 @@ GAP_CLOSED = ("gap closed = (B - PPL) / (B - D): the share of the perplexity gap
               "best one-shot mask-only 2:4 method (B: the lowest held-out PPL of magnitude, "
               "Wanda and SparseGPT without its weight update) and the dense model (D) that a "
               "method closes. Dense is 100%, that best one-shot method 0%, a negative share is "
-              "worse than it. Only for methods that keep the dense weights and choose a mask "
-              "(the one-shot mask-only methods and MaskLLM); SparseGPT + weight update changes "
-              "the weights, so it has none.")
+              "worse than it, one above 100% better than dense. Only for methods that keep the "
+              "dense weights and choose a mask (the one-shot mask-only methods and MaskLLM); "
+              "SparseGPT + weight update changes the weights, so it has none.")
 EMA_BETA = 0.9  # smoothing of the plotted training loss
 
 
@@ -395,10 +395,11 @@ def markdown_table(table: dict) -> str:
     best, dense = rows[table["best_one_shot_mask_only"]], rows["dense"]
     lines += ["", f"Held-out PPL: perplexity of the held-out plays "
               f"({table['heldout_tokens']} predicted tokens); lower is better.",
-              f"Gap closed: (B - PPL) / (B - D), with B = {best['ppl']:.2f} the best one-shot "
-              f"mask-only method ({best['label']}) and D = {dense['ppl']:.2f} dense: dense "
-              f"100%, {best['label']} 0%. n/a: SparseGPT + weight update changes the weights, "
-              "so it is not a mask-only result.",
+              f"Gap closed: (B - PPL) / (B - D), with B = {best['ppl']:.2f} for "
+              f"{best['label']}, the best one-shot mask-only method, and D = "
+              f"{dense['ppl']:.2f} for dense: dense is 100%, {best['label']} 0%, a negative "
+              "share is worse than it and one above 100% better than dense. n/a: SparseGPT + "
+              "weight update changes the weights, so it is not a mask-only result.",
               "Time: wall time of the step that made the model (pretraining, pruning or mask "
               "learning) and of its held-out PPL."]
     if table.get("best_maskllm"):
