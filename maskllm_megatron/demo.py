@@ -383,14 +383,18 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
 def markdown_table(table: dict) -> str:
     """The results table in Markdown, with what its columns mean under it."""
     lines = ["| method | kind | held-out PPL | gap closed | time (s) | PPL eval (s) |",
              "|---|---|---|---|---|---|"]
     for r in table["rows"]:
         lines.append(f"| {r['label']} | {r['kind']} | {r['ppl']:.2f} | "
-                     f"{_percent(r['gap_closed'])} | {r['seconds'] or 0:.0f} | "
-                     f"{r['eval_seconds'] or 0:.0f} |")
+                     f"{_percent(r['gap_closed'])} | {_seconds(r['seconds'])} | "
+                     f"{_seconds(r['eval_seconds'])} |")
     rows = {r["method"]: r for r in table["rows"]}
     best, dense = rows[table["best_one_shot_mask_only"]], rows["dense"]
     lines += ["", f"Held-out PPL: perplexity of the held-out plays "
