@@ -7,10 +7,12 @@ Steps (each cached in ``--workdir``; a rerun skips what is done):
 2. a SentencePiece tokenizer, and the train text preprocessed to an indexed dataset;
 3. dense pretraining of a small megatron-core GPT (``train --train-weights --dense``);
 4. one-shot 2:4 baselines: magnitude, Wanda, SparseGPT (mask only, and with its weight update);
-5. MaskLLM from scratch and from the SparseGPT prior;
-6. held-out perplexity of every model (``eval-ppl``'s protocol);
-7. trim the MaskLLM run, export TensorRT-LLM and Hugging Face, validate;
-8. a table (Markdown, JSON) and a PNG.
+5. MaskLLM from scratch and from the SparseGPT prior, saved at ``CURVE_POINTS`` iterations;
+6. held-out perplexity of every model (``eval-ppl``'s protocol), and of each MaskLLM run at
+   those iterations;
+7. trim the best MaskLLM run, export TensorRT-LLM and Hugging Face, validate;
+8. a table (Markdown, JSON: method, held-out PPL, gap closed, time) and a PNG (training loss,
+   held-out PPL and mask changes over the MaskLLM runs' iterations).
 
 Every step calls the same functions as the commands, so the demo exercises the GPU recipes'
 code paths, only smaller. ``--tp 2`` runs it on two gloo ranks.
@@ -136,13 +138,14 @@ class _Steps:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.results: dict[str, dict] = {}
 
-    def run(self, name: str, fn, *, everyone: bool = True) -> dict:
+    def run(self, name: str, fn, what: str, *, everyone: bool = True) -> dict:
+        """Run ``fn`` as step ``name`` (``what``: what it does, for the log) unless cached."""
         path = self.dir / f"{name}.json"
         if path.exists():
             self.results[name] = json.loads(path.read_text())
-            self._say(f"[cached] {name}")
+            self._say(f"[cached] {name}: {what}")
             return self.results[name]
-        self._say(f"[run] {name}")
+        self._say(f"[run] {name}: {what}")
         start = time.time()
         result = (fn() if everyone or self.rank == 0 else None) or {}
         if dist.is_initialized():
@@ -171,11 +174,32 @@ def _model_args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**defaults)
 
 
+# the models the table compares, in its order: (pruning method, updates weights) per one-shot
+# baseline; (the one-shot baseline whose masks are its --prior or None, what it starts from)
+# per mask-learning run
+ONE_SHOT = {"magnitude": ("magnitude", False), "wanda": ("wanda", False),
+            "sparsegpt": ("sparsegpt", False), "sparsegpt+update": ("sparsegpt", True)}
+LEARNED = {"maskllm": (None, "scratch"), "maskllm+sparsegpt-prior": ("sparsegpt",
+                                                                     "SparseGPT prior")}
+LABELS = {"dense": "dense", "magnitude": "magnitude", "wanda": "Wanda",
+          "sparsegpt": "SparseGPT (mask only)", "sparsegpt+update": "SparseGPT + weight update",
+          "maskllm": "MaskLLM (from scratch)",
+          "maskllm+sparsegpt-prior": "MaskLLM (SparseGPT prior)"}
+CURVE_POINTS = 5  # held-out PPL of each mask-learning run at this many evenly spaced iterations
+
+
+def curve_iterations(train_iters: int) -> list[int]:
+    """The iterations at which a mask-learning run is saved, and its held-out PPL measured."""
+    every = max(1, train_iters // CURVE_POINTS)
+    return sorted({*range(every, train_iters + 1, every), train_iters})
+
+
 def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = True,
              device: str = "auto", log=lambda message: None) -> dict:
     """Run (or resume) the demo in the running process group (every rank calls it; ``tp`` must
-    divide its size); returns the results table as a dict and writes results.md / .json / .png.
-    ``log`` receives one line per step on rank 0."""
+    divide its size); returns the results table as a dict (with ``markdown`` and ``plot``, the
+    data the PNG shows, on rank 0) and writes results.md / .json / .png. ``log`` receives one
+    line per step on rank 0."""
     workdir = Path(workdir).expanduser()
     distributed.use_layout(tp, 1, what="the demo")
     rank = dist.get_rank()
@@ -187,7 +211,8 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
     model_dir = workdir / "model"
     data = str(workdir / "data" / "train")
 
-    steps.run("corpus", lambda: build_corpus(workdir, size), everyone=False)
+    steps.run("corpus", lambda: build_corpus(workdir, size),
+              "split the Shakespeare plays into train and held-out text", everyone=False)
 
     def tokenize():
         model = train_tokenizer([corpus / "train.txt"], workdir / "tokenizer" / "spm",
@@ -202,11 +227,11 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
                     tokenizer=str(model)).save(model_dir)
         return {"tokens": stats["tokens"], "documents": stats["documents"]}
 
-    steps.run("tokenizer", tokenize, everyone=False)
+    steps.run("tokenizer", tokenize, "train the tokenizer and tokenize the train text",
+              everyone=False)
     common = dict(data_path=[data], split="98,2,0", tensor_model_parallel_size=tp,
                   micro_batch_size=size.micro_batch, global_batch_size=size.global_batch,
-                  seq_length=size.seq, seed=1234, progress=progress, log_interval=10,
-                  device=device)
+                  seq_length=size.seq, seed=1234, progress=progress, device=device)
 
     def pretrain():
         metrics = train(TrainArgs(model_config=str(model_dir), save=str(workdir / "dense"),
@@ -215,46 +240,71 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
                                   lr_warmup_iters=max(1, size.pretrain_iters // 20),
                                   train_iters=size.pretrain_iters, weight_decay=0.01,
                                   main_grads_dtype="fp32", exp_avg_dtype="fp32",
-                                  exp_avg_sq_dtype="fp32", **common))
+                                  exp_avg_sq_dtype="fp32", log_interval=10,
+                                  progress_label="dense pretraining", **common))
         return {"final_loss": metrics.get("loss")}
 
-    steps.run("pretrain", pretrain)
+    steps.run("pretrain", pretrain, f"dense pretraining, {size.pretrain_iters} iterations")
     dense = str(workdir / "dense")
-    methods = {"magnitude": ("magnitude", False), "wanda": ("wanda", False),
-               "sparsegpt": ("sparsegpt", False), "sparsegpt+update": ("sparsegpt", True)}
 
     def prune(method: str, update: bool, name: str) -> dict:
         report = prune_checkpoint(_model_args(
             method=method, load=dense, data_path=[data], calib_samples=size.calib_samples,
             seq_length=size.seq, update_weights=update, row_parallel_hessian="gather",
-            save=str(workdir / name), tensor_model_parallel_size=tp, device=device))
+            save=str(workdir / name), tensor_model_parallel_size=tp, device=device,
+            progress=progress), progress_label=f"one-shot 2:4: {LABELS[name]}")
         return {"tokens": report.calibration_tokens}
 
-    for name, (method, update) in methods.items():
-        steps.run(f"prune-{name}", lambda m=method, u=update, n=name: prune(m, u, n))
-    runs = {"maskllm": None, "maskllm+sparsegpt-prior": str(workdir / "sparsegpt" / "masks")}
-    for name, prior in runs.items():
-        def learn(name=name, prior=prior):
-            metrics = train(TrainArgs(load=dense, save=str(workdir / name), prior=prior,
-                                      lr=size.mask_lr, min_lr=size.mask_lr / 10,
-                                      train_iters=size.mask_iters, **common))
+    for name, (method, update) in ONE_SHOT.items():
+        steps.run(f"prune-{name}", lambda m=method, u=update, n=name: prune(m, u, n),
+                  f"one-shot 2:4 pruning, {LABELS[name]}")
+    saved = curve_iterations(size.mask_iters)
+    for name, (prior, start) in LEARNED.items():
+        def learn(name=name, prior=prior, start=start):
+            # saved at the curve's iterations, all kept: their held-out PPL is measured below
+            metrics = train(TrainArgs(
+                load=dense, save=str(workdir / name),
+                prior=str(workdir / prior / "masks") if prior else None, lr=size.mask_lr,
+                min_lr=size.mask_lr / 10, train_iters=size.mask_iters,
+                log_interval=max(1, size.mask_iters // 20), save_interval=saved[0],
+                keep_checkpoints=len(saved), progress_label=f"mask learning ({start})",
+                **common))
             return {"final_loss": metrics.get("loss"), "flip_rate": metrics.get("flip_rate")}
 
-        steps.run(f"learn-{name}", learn)
+        steps.run(f"learn-{name}", learn,
+                  f"mask learning ({start}), {size.mask_iters} iterations")
 
-    def heldout_ppl(path: str) -> dict:
+    def heldout_ppl(path: str, label: str, model_config: str | None = None) -> dict:
         report = evaluate_checkpoint(_model_args(
-            load=path, text=str(corpus / "heldout.txt"), masks="auto", seq_length=size.seq,
-            micro_batch_size=size.micro_batch, tensor_model_parallel_size=tp, device=device))
+            load=path, model_config=model_config, text=str(corpus / "heldout.txt"),
+            masks="auto", seq_length=size.seq, micro_batch_size=size.micro_batch,
+            tensor_model_parallel_size=tp, device=device, progress=progress),
+            progress_label=f"held-out PPL: {label}")
         return {"ppl": report.ppl, "loss": report.loss, "tokens": report.tokens,
                 "windows": report.windows, "masks": report.masks}
 
-    models = {"dense": dense, **{n: str(workdir / n / "pruned") for n in methods},
-              **{n: str(workdir / n) for n in runs}}
+    models = {"dense": dense, **{n: str(workdir / n / "pruned") for n in ONE_SHOT},
+              **{n: str(workdir / n) for n in LEARNED}}
     for name, path in models.items():
-        steps.run(f"ppl-{name}", lambda p=path: heldout_ppl(p))
+        steps.run(f"ppl-{name}", lambda p=path, n=name: heldout_ppl(p, LABELS[n]),
+                  f"held-out PPL: {LABELS[name]}")
 
-    best_run = min(runs, key=lambda n: steps.results[f"ppl-{n}"]["ppl"])
+    for name in LEARNED if len(saved) > 1 else ():
+        def curve(name=name):  # the last point is ppl-{name}: the run's latest checkpoint
+            run = workdir / name
+            points = []
+            for iteration in saved[:-1]:  # a run of an older demo may lack them
+                if not (run / f"iter_{iteration:07d}").exists():
+                    continue
+                ppl = heldout_ppl(str(run / f"iter_{iteration:07d}"),
+                                  f"{LABELS[name]} at iteration {iteration}", str(run))
+                points.append([iteration, ppl["ppl"]])
+            return {"points": points}
+
+        steps.run(f"curve-{name}", curve, f"held-out PPL over iterations: {LABELS[name]}, "
+                  f"at iterations {', '.join(map(str, saved[:-1]))}")
+
+    best_run = min(LEARNED, key=lambda n: steps.results[f"ppl-{n}"]["ppl"])
 
     def deploy():  # the exporters lay the model out at TP=1 (every rank holds it whole)
         trimmed, trt, hf = (workdir / "deploy" / x for x in ("trimmed", "trtllm", "hf"))
@@ -265,86 +315,211 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
         return {"source": best_run, "valid": report.ok,
                 "density": report.density.get("all sparse GEMM weights")}
 
-    steps.run("deploy", deploy)
-    table = results_table(steps.results, list(models), list(methods), list(runs))
+    steps.run("deploy", deploy, f"trim {LABELS[best_run]}, export TensorRT-LLM and Hugging "
+              "Face, validate")
+    table = results_table(steps.results, list(models))
     if rank == 0:
-        table["markdown"] = write_results(workdir, table, steps.results,
-                                          [workdir / n for n in runs])
+        curves = {n: learned_curves(workdir / n, steps.results, n, size.mask_iters)
+                  for n in LEARNED}
+        table["plot"] = plot_data(table, curves)
+        table["markdown"] = write_results(workdir, table, steps.results)
     return table
 
 
 # ----------------------------------------------------------------------------- results
 
+GAP_CLOSED = ("gap closed = (B - PPL) / (B - D): the share of the perplexity gap between the "
+              "best one-shot mask-only 2:4 method (B: the lowest held-out PPL of magnitude, "
+              "Wanda and SparseGPT without its weight update) and the dense model (D) that a "
+              "method closes. Dense is 100%, that best one-shot method 0%, a negative share is "
+              "worse than it, one above 100% better than dense. Only for methods that keep the "
+              "dense weights and choose a mask (the one-shot mask-only methods and MaskLLM); "
+              "SparseGPT + weight update changes the weights, so it has none.")
+EMA_BETA = 0.9  # smoothing of the plotted training loss
 
-def results_table(results: dict, models: list[str], oneshot: list[str],
-                  learned: list[str]) -> dict:
-    """PPL per method and the share of two gaps each closes: dense-to-magnitude, and
-    dense-to-best one-shot mask-only method (magnitude, Wanda, SparseGPT without update)."""
+
+def _kind(method: str) -> tuple[str, bool | None]:
+    """(what the row is, whether it is a mask-only 2:4 result; None for dense)."""
+    if method == "dense":
+        return "dense", None
+    if method in ONE_SHOT:
+        updates = ONE_SHOT[method][1]
+        return ("one-shot, weights updated" if updates else "one-shot, mask only"), not updates
+    return "learned mask", True
+
+
+def results_table(results: dict, models: list[str]) -> dict:
+    """One row per model: method, held-out PPL, gap closed (``GAP_CLOSED``; None where it does
+    not apply), wall time of the step that made it and of its PPL evaluation."""
     ppl = {m: results[f"ppl-{m}"]["ppl"] for m in models}
-    dense, magnitude = ppl["dense"], ppl["magnitude"]
-    mask_only = [m for m in ("magnitude", "wanda", "sparsegpt") if m in ppl]
+    dense = ppl["dense"]
+    mask_only = [m for m in models if m in ONE_SHOT and _kind(m)[1]]
     best = min(mask_only, key=ppl.__getitem__)
-
-    def closed(value, worse):
-        return (worse - value) / (worse - dense) if worse != dense else float("nan")
-
+    gap = ppl[best] - dense
     rows = []
     for m in models:
-        step = ("pretrain" if m == "dense" else f"prune-{m}" if m in oneshot else f"learn-{m}")
-        rows.append({"method": m, "ppl": ppl[m],
-                     "closed_dense_to_magnitude": closed(ppl[m], magnitude),
-                     "closed_dense_to_best_one_shot": closed(ppl[m], ppl[best]),
-                     "seconds": results.get(step, {}).get("seconds")})
-    best_learned = min(learned, key=ppl.__getitem__)
-    return {"rows": rows, "best_one_shot_mask_only": best, "best_maskllm": best_learned,
-            "goal": "MaskLLM closes >= 75% of the gap between the best one-shot mask-only 2:4 "
-                    "result and dense",
-            "goal_met": closed(ppl[best_learned], ppl[best]) >= 0.75}
+        kind, only_mask = _kind(m)
+        step = "pretrain" if m == "dense" else f"prune-{m}" if m in ONE_SHOT else f"learn-{m}"
+        closed = (ppl[best] - ppl[m]) / gap if only_mask is not False and gap > 0 else None
+        rows.append({"method": m, "label": LABELS.get(m, m), "kind": kind,
+                     "mask_only": only_mask, "ppl": ppl[m], "gap_closed": closed,
+                     "seconds": results.get(step, {}).get("seconds"),
+                     "eval_seconds": results[f"ppl-{m}"].get("seconds")})
+    learned = [m for m in models if m in LEARNED]
+    heldout = results[f"ppl-{models[0]}"]
+    return {"rows": rows, "best_one_shot_mask_only": best,
+            "best_maskllm": min(learned, key=ppl.__getitem__) if learned else None,
+            "heldout_tokens": heldout.get("tokens"),
+            "definitions": {
+                "ppl": "held-out perplexity: exp of the mean next-token loss over the held-out "
+                       "plays (eval-ppl's protocol, hard masks); lower is better",
+                "gap_closed": GAP_CLOSED,
+                "seconds": "wall time of the step that made the model (dense pretraining, "
+                           "one-shot pruning or mask learning)",
+                "eval_seconds": "wall time of its held-out perplexity"}}
 
 
-def write_results(workdir: Path, table: dict, results: dict, runs: list[Path]) -> str:
-    """results.md, results.json and results.png in ``workdir``; returns the Markdown table."""
-    lines = ["| method | held-out PPL | dense-to-magnitude gap closed | dense-to-best-one-shot "
-             "gap closed | time (s) |", "|---|---|---|---|---|"]
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
+def markdown_table(table: dict) -> str:
+    """The results table in Markdown, with what its columns mean under it."""
+    lines = ["| method | kind | held-out PPL | gap closed | time (s) | PPL eval (s) |",
+             "|---|---|---|---|---|---|"]
     for r in table["rows"]:
-        lines.append(f"| {r['method']} | {r['ppl']:.2f} | {r['closed_dense_to_magnitude']:.0%} "
-                     f"| {r['closed_dense_to_best_one_shot']:.0%} | {r['seconds'] or 0:.0f} |")
-    met = "met" if table["goal_met"] else "not met"
-    lines.append("")
-    lines.append(f"Goal ({table['goal']}): {met}.")
-    markdown = "\n".join(lines)
+        lines.append(f"| {r['label']} | {r['kind']} | {r['ppl']:.2f} | "
+                     f"{_percent(r['gap_closed'])} | {_seconds(r['seconds'])} | "
+                     f"{_seconds(r['eval_seconds'])} |")
+    rows = {r["method"]: r for r in table["rows"]}
+    best, dense = rows[table["best_one_shot_mask_only"]], rows["dense"]
+    lines += ["", f"Held-out PPL: perplexity of the held-out plays "
+              f"({table['heldout_tokens']} predicted tokens); lower is better.",
+              f"Gap closed: (B - PPL) / (B - D), with B = {best['ppl']:.2f} for "
+              f"{best['label']}, the best one-shot mask-only method, and D = "
+              f"{dense['ppl']:.2f} for dense: dense is 100%, {best['label']} 0%, a negative "
+              "share is worse than it and one above 100% better than dense. n/a: SparseGPT + "
+              "weight update changes the weights, so it is not a mask-only result.",
+              "Time: wall time of the step that made the model (pretraining, pruning or mask "
+              "learning) and of its held-out PPL."]
+    if table.get("best_maskllm"):
+        learned = rows[table["best_maskllm"]]
+        lines.append(f"Best MaskLLM run: {learned['label']}, PPL {learned['ppl']:.2f}, gap "
+                     f"closed {_percent(learned['gap_closed'])}.")
+    return "\n".join(lines)
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def ema(values: list[float], beta: float = EMA_BETA) -> list[float]:
+    """Bias-corrected exponential moving average (as Adam's moments): the first values are not
+    pulled towards 0."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, 1):
+        average = beta * average + (1 - beta) * value
+        out.append(average / (1 - beta**i))
+    return out
+
+
+def learned_curves(run: Path, results: dict, name: str, train_iters: int) -> dict:
+    """A mask-learning run's curves: training loss per iteration and the share of groups whose
+    mask (argmax) changed per logging interval, from its train_log.jsonl; held-out PPL at the
+    saved iterations (the curve step, then the final checkpoint's)."""
+    rows = _read_log(run / "train_log.jsonl")
+    points = [list(p) for p in results.get(f"curve-{name}", {}).get("points", [])]
+    points.append([train_iters, results[f"ppl-{name}"]["ppl"]])
+    return {"iteration": [r["iteration"] for r in rows], "loss": [r["loss"] for r in rows],
+            "flip_iteration": [r["iteration"] for r in rows if "flip_rate" in r],
+            "flip_rate": [r["flip_rate"] for r in rows if "flip_rate" in r],
+            "ppl_iteration": [p[0] for p in points], "ppl": [p[1] for p in points]}
+
+
+def plot_data(table: dict, curves: dict[str, dict]) -> dict:
+    """What results.png shows, as data (results.json keeps it): three panels, one series per
+    mask-learning run in each, and the dense and one-shot PPLs as reference lines."""
+    def series(name: str, x: list, y: list) -> dict:
+        return {"run": name, "label": LABELS.get(name, name), "x": x, "y": y}
+
+    interval = {name: (c["flip_iteration"][1] - c["flip_iteration"][0]
+                       if len(c["flip_iteration"]) > 1 else None) for name, c in curves.items()}
+    every = {i for i in interval.values() if i}
+    per = f"per {every.pop()} iterations" if len(every) == 1 else "per logging interval"
+    return {"panels": [
+        {"title": "training loss (sampled soft masks)", "xlabel": "iteration",
+         "ylabel": f"LM loss (nats/token), EMA beta={EMA_BETA}",
+         "smoothing": f"bias-corrected exponential moving average, beta={EMA_BETA} (about the "
+                      f"last {round(1 / (1 - EMA_BETA))} iterations)",
+         "series": [series(n, c["iteration"], ema(c["loss"])) for n, c in curves.items()]},
+        {"title": "held-out perplexity (hard masks)", "xlabel": "iteration",
+         "ylabel": "held-out PPL (lower is better)",
+         "series": [series(n, c["ppl_iteration"], c["ppl"]) for n, c in curves.items()],
+         "reference_lines": [{"method": r["method"], "label": r["label"], "y": r["ppl"]}
+                             for r in table["rows"] if r["method"] not in curves]},
+        {"title": "mask changes", "xlabel": "iteration",
+         "ylabel": f"groups whose mask changed (% {per})",
+         "series": [series(n, c["flip_iteration"], [100 * f for f in c["flip_rate"]])
+                    for n, c in curves.items()]}]}
+
+
+def write_results(workdir: Path, table: dict, results: dict) -> str:
+    """results.md, results.json and (with matplotlib) results.png in ``workdir``; returns the
+    Markdown table and sets ``table["png"]`` (None without matplotlib)."""
+    markdown = markdown_table(table)
+    png = render_plot(table["plot"], workdir / "results.png") if "plot" in table else None
+    table["png"] = str(png) if png else None
     (workdir / "results.md").write_text(markdown + "\n")
     (workdir / "results.json").write_text(json.dumps({**table, "steps": results}, indent=1))
-    _plot(workdir, table, runs)
     return markdown
 
 
-def _plot(workdir: Path, table: dict, runs: list[Path]) -> None:
+def render_plot(plot: dict, png: Path) -> Path | None:
+    """Draw ``plot_data``'s panels side by side into ``png``; None without matplotlib."""
     try:  # optional: matplotlib
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    names = [r["method"] for r in table["rows"]]
-    values = [r["ppl"] for r in table["rows"]]
-    axes[0].barh(names, values, color="tab:blue")
-    axes[0].set_xlim(min(values) * 0.98, max(values) * 1.01)  # the differences, not the total
-    for y, value in enumerate(values):
-        axes[0].text(value, y, f" {value:.1f}", va="center", fontsize=8)
-    axes[0].set_xlabel("held-out perplexity (lower is better)")
-    axes[0].invert_yaxis()
-    for run in runs:
-        log = run / "train_log.jsonl"
-        if log.exists():
-            rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
-            axes[1].plot([r["iteration"] for r in rows], [r["loss"] for r in rows],
-                         label=run.name)
-    axes[1].set_xlabel("iteration")
-    axes[1].set_ylabel("training loss (sampled masks)")
-    axes[1].legend()
+        return None
+    panels = plot["panels"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
+    colors = {}
+    for ax, panel in zip(axes, panels, strict=True):
+        for s in panel["series"]:
+            color = colors.setdefault(s["run"], f"C{len(colors)}")
+            marker = "o" if len(s["x"]) <= 30 else None
+            ax.plot(s["x"], s["y"], color=color, marker=marker, markersize=4, label=s["label"])
+        refs = panel.get("reference_lines", [])
+        for i, ref in enumerate(refs):
+            dense = ref["method"] == "dense"
+            ax.axhline(ref["y"], color="black" if dense else f"C{len(colors) + i}",
+                       linestyle="-" if dense else ("--", ":", "-.", (0, (5, 1)))[i % 4],
+                       linewidth=1, label=f"{ref['label']} ({ref['y']:.1f})")
+        if refs:  # the range the learned runs and the references share
+            values = [r["y"] for r in refs] + [y for s in panel["series"] for y in s["y"][-2:]]
+            low, high = min(values), max(values)
+            span = max(high - low, 0.01 * high)
+            top = high + 0.6 * span
+            ax.set_ylim(low - 0.1 * span, top)
+            above = [(x, y) for s in panel["series"]
+                     for x, y in zip(s["x"], s["y"], strict=True) if y > top]
+            for x, y in above:  # clipped points: their value at the top edge
+                ax.annotate(f"{y:.0f}", (x, 1), xycoords=("data", "axes fraction"),
+                            ha="center", va="top", fontsize=7)
+        ax.set_title(panel["title"], fontsize=10)
+        ax.set_xlabel(panel["xlabel"])
+        ax.set_ylabel(panel["ylabel"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(workdir / "results.png", dpi=100)
+    fig.savefig(png, dpi=100)
     plt.close(fig)
+    return png

@@ -65,4 +65,6 @@ def _demo(args: argparse.Namespace, size) -> None:
                           log=lambda message: print(message, flush=True))
     if is_rank0():
         print(table["markdown"])
-        print(f"wrote {workdir / 'results.md'}, results.json, results.png")
+        plot = (" and results.png (training loss, held-out PPL and mask changes of the MaskLLM "
+                "runs)" if table["png"] else " (no results.png: pip install matplotlib)")
+        print(f"wrote {workdir / 'results.md'}, results.json{plot}")

@@ -82,7 +82,8 @@ def _window_nll(model, batch: torch.Tensor, predicted: torch.Tensor,
 
 
 def perplexity(model, tokens: torch.Tensor, seq_length: int, micro_batch_size: int = 1,
-               progress: bool = False, true_vocab_size: int | None = None) -> dict:
+               progress: bool = False, true_vocab_size: int | None = None,
+               progress_label: str = "perplexity") -> dict:
     """Mean NLL and perplexity of ``tokens`` under ``model`` (every rank calls this).
 
     Windows are dealt round-robin over data-parallel ranks; sums are reduced over DP and shared
@@ -105,7 +106,7 @@ def perplexity(model, tokens: torch.Tensor, seq_length: int, micro_batch_size: i
     multiple = ps.get_tensor_model_parallel_world_size() if model.config.sequence_parallel else 1
     # DP ranks may run different numbers of passes: passes never communicate across DP
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # nll, predicted tokens
-    for batch in tqdm(batches, desc="perplexity", disable=not progress):
+    for batch in tqdm(batches, desc=progress_label, disable=not progress):
         length = batch.shape[1]
         padded = -(-length // multiple) * multiple
         batch = torch.nn.functional.pad(batch.long(), (0, padded - length)).to(device)
@@ -142,9 +143,10 @@ class PerplexityReport:
     ppl: float
 
 
-def evaluate_checkpoint(args) -> PerplexityReport:
+def evaluate_checkpoint(args, progress_label: str = "perplexity") -> PerplexityReport:
     """``maskllm eval-ppl`` in the running process group: load a dense, pruned or mask-learned
-    checkpoint at the asked TP x PP and measure the perplexity of ``args.text``."""
+    checkpoint at the asked TP x PP and measure the perplexity of ``args.text``;
+    ``progress_label`` is what its progress bar says."""
     if args.masks not in MODES:
         raise InputError(f"--masks must be one of {', '.join(MODES)}")
     require_path(args.load, "checkpoint (--load)")
@@ -167,6 +169,6 @@ def evaluate_checkpoint(args) -> PerplexityReport:
     tokens = read_text_tokens(args.text, load_tokenizer(args.tokenizer or cfg.tokenizer))
     result = perplexity(model, tokens, seq_length, args.micro_batch_size,
                         progress=args.progress and layout.rank == 0,
-                        true_vocab_size=cfg.true_vocab_size)
+                        true_vocab_size=cfg.true_vocab_size, progress_label=progress_label)
     return PerplexityReport(path, applied, seq_length, result["windows"], result["tokens"],
                             result["loss"], result["ppl"])

@@ -220,7 +220,8 @@ def _prune_layer(layer, stat, method: str, gather: bool, update: bool, what: str
 
 
 def prune_model(model, forward_calibration, method: str, *, update: bool = False,
-                row_parallel_hessian: str = "gather", progress: bool = True) -> dict:
+                row_parallel_hessian: str = "gather", progress: bool = True,
+                progress_label: str | None = None) -> dict:
     """Prune every sparse layer of ``model`` (built with ``MaskSettings(mode="fixed")``).
 
     Layer-sequential, as in the SparseGPT and Wanda references: blocks are pruned in order of
@@ -242,7 +243,8 @@ def prune_model(model, forward_calibration, method: str, *, update: bool = False
     num_layers = model.config.num_layers
     gather = row_parallel_hessian == "gather"
     tokens = 0
-    for block in tqdm(range(1, num_layers + 1), desc=f"{method} pruning", disable=not progress):
+    label = progress_label or f"{method} pruning" + (" with weight update" if update else "")
+    for block in tqdm(range(1, num_layers + 1), desc=label, disable=not progress):
         mine = blocks.get(block, [])
         if method == "magnitude":  # needs no data
             for name, layer in mine:
@@ -283,10 +285,11 @@ class PruneReport:
     masks: Path
 
 
-def prune_checkpoint(args) -> PruneReport:
+def prune_checkpoint(args, progress_label: str | None = None) -> PruneReport:
     """``maskllm prune`` in the running process group: build the model at TP x PP, load dense
     weights, prune, save ``SAVE/pruned`` (weights times mask, or updated) and ``SAVE/masks``
-    (masks only, for ``train --prior``)."""
+    (masks only, for ``train --prior``). ``progress_label``: what the progress bar says
+    (default: the method, and whether it updates weights)."""
     method = check_method(args.method)
     pattern = NMPattern(args.N, args.M)
     require_path(args.load, "checkpoint (--load)")
@@ -336,7 +339,8 @@ def prune_checkpoint(args) -> PruneReport:
                                          dp_rank=layout.dp_rank)
     result = prune_model(model, forward, method, update=args.update_weights,
                          row_parallel_hessian=args.row_parallel_hessian,
-                         progress=args.progress and layout.rank == 0)
+                         progress=args.progress and layout.rank == 0,
+                         progress_label=progress_label)
     out = Path(args.save)
     source = Path(args.model_config or args.load)
     source = source if source.is_dir() else source.parent

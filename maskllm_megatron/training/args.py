@@ -113,6 +113,9 @@ class TrainArgs:
                                       "before the run stops")
     tensorboard_dir: str | None = _flag(None, "TensorBoard event files (default: none)")
     progress: bool = _flag(True, "progress bar on rank 0")
+    progress_label: str | None = _flag(
+        None, "what the progress bar says runs (default: dense pretraining with --dense, mask "
+        "and weight learning with --train-weights, else mask learning)")
 
     def optimizer_format(self) -> dict:
         """What a checkpoint records of the optimizer state (a resume must ask for the same)."""

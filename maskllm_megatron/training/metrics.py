@@ -77,6 +77,15 @@ def print_memory_table(model, optimizer: ShardedAdamW, args: TrainArgs) -> None:
           "(trained parameters + gradients + optimizer state)")
 
 
+def progress_label(args: TrainArgs) -> str:
+    """What the progress bar says runs: ``--progress-label``, else what the flags train."""
+    if args.progress_label:
+        return args.progress_label
+    if args.dense:
+        return "dense pretraining"
+    return "mask and weight learning" if args.train_weights else "mask learning"
+
+
 class TrainingLog:
     """Progress bar, JSONL log and TensorBoard scalars on rank 0; PNG curves at the end.
 
@@ -102,7 +111,7 @@ class TrainingLog:
                 self.board = SummaryWriter(args.tensorboard_dir)
             except ImportError:
                 print("tensorboard is not installed: no TensorBoard scalars")
-        self.bar = tqdm(total=args.train_iters, initial=start, desc="mask learning",
+        self.bar = tqdm(total=args.train_iters, initial=start, desc=progress_label(args),
                         disable=not args.progress, dynamic_ncols=True)
         self.started = time.time()
 
