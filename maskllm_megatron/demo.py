@@ -194,12 +194,34 @@ def curve_iterations(train_iters: int) -> list[int]:
     return sorted({*range(every, train_iters + 1, every), train_iters})
 
 
-def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = True,
-             device: str = "auto", log=lambda message: None) -> dict:
-    """Run (or resume) the demo in the running process group (every rank calls it; ``tp`` must
-    divide its size); returns the results table as a dict (with ``markdown`` and ``plot``, the
-    data the PNG shows, on rank 0) and writes results.md / .json / .png. ``log`` receives one
-    line per step on rank 0."""
+@dataclass(frozen=True)
+class Prepared:
+    """What the demo's first three steps leave in its workdir, and how the later steps run."""
+
+    workdir: Path
+    size: DemoSize
+    model_dir: Path  # model_config.json and the tokenizer's path
+    data: str  # the train text's indexed-dataset prefix
+    heldout: Path  # the held-out text
+    dense: str  # the dense pretrained checkpoint (a run directory)
+    tp: int = 1
+    progress: bool = True
+    device: str = "auto"
+    seed: int = 1234
+
+    def common(self) -> dict:
+        """TrainArgs fields every training run of the demo shares."""
+        return dict(data_path=[self.data], split="98,2,0", tensor_model_parallel_size=self.tp,
+                    micro_batch_size=self.size.micro_batch,
+                    global_batch_size=self.size.global_batch, seq_length=self.size.seq,
+                    seed=self.seed, progress=self.progress, device=self.device)
+
+
+def prepare(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = True,
+            device: str = "auto", log=lambda message: None) -> tuple[_Steps, Prepared]:
+    """The demo's steps 1-3 (corpus, tokenizer and dataset, dense pretraining), run or reused
+    from ``workdir``'s cache, in the running process group (every rank calls it); returns the
+    step cache (for the caller's own steps) and the paths."""
     workdir = Path(workdir).expanduser()
     distributed.use_layout(tp, 1, what="the demo")
     rank = dist.get_rank()
@@ -229,64 +251,96 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
 
     steps.run("tokenizer", tokenize, "train the tokenizer and tokenize the train text",
               everyone=False)
-    common = dict(data_path=[data], split="98,2,0", tensor_model_parallel_size=tp,
-                  micro_batch_size=size.micro_batch, global_batch_size=size.global_batch,
-                  seq_length=size.seq, seed=1234, progress=progress, device=device)
+    prepared = Prepared(workdir=workdir, size=size, model_dir=model_dir, data=data,
+                        heldout=corpus / "heldout.txt", dense=str(workdir / "dense"), tp=tp,
+                        progress=progress, device=device)
 
     def pretrain():
-        metrics = train(TrainArgs(model_config=str(model_dir), save=str(workdir / "dense"),
+        metrics = train(TrainArgs(model_config=str(model_dir), save=prepared.dense,
                                   train_weights=True, dense=True, lr=size.pretrain_lr,
                                   min_lr=size.pretrain_lr / 10,
                                   lr_warmup_iters=max(1, size.pretrain_iters // 20),
                                   train_iters=size.pretrain_iters, weight_decay=0.01,
                                   main_grads_dtype="fp32", exp_avg_dtype="fp32",
                                   exp_avg_sq_dtype="fp32", log_interval=10,
-                                  progress_label="dense pretraining", **common))
+                                  progress_label="dense pretraining", **prepared.common()))
         return {"final_loss": metrics.get("loss")}
 
     steps.run("pretrain", pretrain, f"dense pretraining, {size.pretrain_iters} iterations")
-    dense = str(workdir / "dense")
+    return steps, prepared
 
-    def prune(method: str, update: bool, name: str) -> dict:
-        report = prune_checkpoint(_model_args(
-            method=method, load=dense, data_path=[data], calib_samples=size.calib_samples,
-            seq_length=size.seq, update_weights=update, row_parallel_hessian="gather",
-            save=str(workdir / name), tensor_model_parallel_size=tp, device=device,
-            progress=progress), progress_label=f"one-shot 2:4: {LABELS[name]}")
-        return {"tokens": report.calibration_tokens}
+
+def prune_one(prepared: Prepared, method: str, update: bool, save: str | Path,
+              pattern: tuple[int, int] = (2, 4), label: str | None = None) -> dict:
+    """One-shot N:M pruning of the dense model (``pattern``: (N, M)) into ``save``."""
+    size = prepared.size
+    report = prune_checkpoint(_model_args(
+        method=method, load=prepared.dense, data_path=[prepared.data],
+        calib_samples=size.calib_samples, seq_length=size.seq, update_weights=update,
+        row_parallel_hessian="gather", save=str(save), N=pattern[0], M=pattern[1],
+        tensor_model_parallel_size=prepared.tp, device=prepared.device,
+        progress=prepared.progress), progress_label=label)
+    return {"tokens": report.calibration_tokens}
+
+
+def learn_masks(prepared: Prepared, save: str | Path, prior: str | Path | None = None,
+                label: str | None = None, **overrides) -> dict:
+    """Mask learning from the dense model into ``save`` at the demo's settings (``prior``: a
+    pruned checkpoint's masks, or None for uniform logits); ``overrides``: TrainArgs fields
+    that differ (train_iters, N, M, weight_reg, the Gumbel schedule, ...)."""
+    size = prepared.size
+    fields = dict(load=prepared.dense, save=str(save), prior=str(prior) if prior else None,
+                  lr=size.mask_lr, min_lr=size.mask_lr / 10, train_iters=size.mask_iters,
+                  progress_label=label, **prepared.common())
+    fields.update(overrides)
+    fields.setdefault("log_interval", max(1, fields["train_iters"] // 20))
+    metrics = train(TrainArgs(**fields))
+    return {"final_loss": metrics.get("loss"), "flip_rate": metrics.get("flip_rate")}
+
+
+def heldout_ppl(prepared: Prepared, path: str | Path, label: str | None = None,
+                model_config: str | None = None) -> dict:
+    """Held-out perplexity of a checkpoint (``eval-ppl``'s protocol, its masks applied)."""
+    report = evaluate_checkpoint(_model_args(
+        load=str(path), model_config=model_config, text=str(prepared.heldout), masks="auto",
+        seq_length=prepared.size.seq, micro_batch_size=prepared.size.micro_batch,
+        tensor_model_parallel_size=prepared.tp, device=prepared.device,
+        progress=prepared.progress), progress_label=label)
+    return {"ppl": report.ppl, "loss": report.loss, "tokens": report.tokens,
+            "windows": report.windows, "masks": report.masks}
+
+
+def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = True,
+             device: str = "auto", log=lambda message: None) -> dict:
+    """Run (or resume) the demo in the running process group (every rank calls it; ``tp`` must
+    divide its size); returns the results table as a dict (with ``markdown`` and ``plot``, the
+    data the PNG shows, on rank 0) and writes results.md / .json / .png. ``log`` receives one
+    line per step on rank 0."""
+    steps, prepared = prepare(workdir, size, tp, progress, device, log)
+    workdir = prepared.workdir
+    rank = dist.get_rank()
+    dense = prepared.dense
 
     for name, (method, update) in ONE_SHOT.items():
-        steps.run(f"prune-{name}", lambda m=method, u=update, n=name: prune(m, u, n),
+        steps.run(f"prune-{name}",
+                  lambda m=method, u=update, n=name: prune_one(
+                      prepared, m, u, workdir / n, label=f"one-shot 2:4: {LABELS[n]}"),
                   f"one-shot 2:4 pruning, {LABELS[name]}")
     saved = curve_iterations(size.mask_iters)
     for name, (prior, start) in LEARNED.items():
-        def learn(name=name, prior=prior, start=start):
-            # saved at the curve's iterations, all kept: their held-out PPL is measured below
-            metrics = train(TrainArgs(
-                load=dense, save=str(workdir / name),
-                prior=str(workdir / prior / "masks") if prior else None, lr=size.mask_lr,
-                min_lr=size.mask_lr / 10, train_iters=size.mask_iters,
-                log_interval=max(1, size.mask_iters // 20), save_interval=saved[0],
-                keep_checkpoints=len(saved), progress_label=f"mask learning ({start})",
-                **common))
-            return {"final_loss": metrics.get("loss"), "flip_rate": metrics.get("flip_rate")}
-
-        steps.run(f"learn-{name}", learn,
+        # saved at the curve's iterations, all kept: their held-out PPL is measured below
+        steps.run(f"learn-{name}",
+                  lambda name=name, prior=prior, start=start: learn_masks(
+                      prepared, workdir / name, workdir / prior / "masks" if prior else None,
+                      label=f"mask learning ({start})", save_interval=saved[0],
+                      keep_checkpoints=len(saved)),
                   f"mask learning ({start}), {size.mask_iters} iterations")
-
-    def heldout_ppl(path: str, label: str, model_config: str | None = None) -> dict:
-        report = evaluate_checkpoint(_model_args(
-            load=path, model_config=model_config, text=str(corpus / "heldout.txt"),
-            masks="auto", seq_length=size.seq, micro_batch_size=size.micro_batch,
-            tensor_model_parallel_size=tp, device=device, progress=progress),
-            progress_label=f"held-out PPL: {label}")
-        return {"ppl": report.ppl, "loss": report.loss, "tokens": report.tokens,
-                "windows": report.windows, "masks": report.masks}
 
     models = {"dense": dense, **{n: str(workdir / n / "pruned") for n in ONE_SHOT},
               **{n: str(workdir / n) for n in LEARNED}}
     for name, path in models.items():
-        steps.run(f"ppl-{name}", lambda p=path, n=name: heldout_ppl(p, LABELS[n]),
+        steps.run(f"ppl-{name}",
+                  lambda p=path, n=name: heldout_ppl(prepared, p, f"held-out PPL: {LABELS[n]}"),
                   f"held-out PPL: {LABELS[name]}")
 
     for name in LEARNED if len(saved) > 1 else ():
@@ -296,8 +350,9 @@ def run_demo(workdir: str | Path, size: DemoSize, tp: int = 1, progress: bool = 
             for iteration in saved[:-1]:  # a run of an older demo may lack them
                 if not (run / f"iter_{iteration:07d}").exists():
                     continue
-                ppl = heldout_ppl(str(run / f"iter_{iteration:07d}"),
-                                  f"{LABELS[name]} at iteration {iteration}", str(run))
+                ppl = heldout_ppl(prepared, run / f"iter_{iteration:07d}",
+                                  f"held-out PPL: {LABELS[name]} at iteration {iteration}",
+                                  str(run))
                 points.append([iteration, ppl["ppl"]])
             return {"points": points}
 

@@ -180,7 +180,9 @@ def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
 
     ``missing_masks="error"`` (default) refuses a checkpoint without the model's mask tensors;
     ``"keep"`` loads a dense checkpoint (e.g. converted from Hugging Face) and keeps the
-    model's freshly initialised logits.
+    model's freshly initialised logits. With ``"keep"``, a checkpoint trained with its masks
+    off (``--dense``: its mask tensors were never trained) loads into a model of any N:M
+    pattern: its mask tensors are ignored when the patterns differ.
     """
     if missing_masks not in ("error", "keep"):
         raise ValueError(f"missing_masks must be 'error' or 'keep', got {missing_masks!r}")
@@ -191,7 +193,11 @@ def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
                               "(no metadata.json)")
     pattern = _pattern_of(model)
     sidecar = read_sidecar(path)
-    if sidecar and sidecar.get("pattern") and pattern and sidecar["pattern"] != pattern:
+    other_pattern = bool(sidecar and sidecar.get("pattern") and pattern
+                         and sidecar["pattern"] != pattern)
+    # masks off while it trained: its mask tensors hold nothing, only its weights count
+    masks_unused = missing_masks == "keep" and sidecar and sidecar.get("mask_modes") == ["dense"]
+    if other_pattern and not masks_unused:
         raise CheckpointError(f"checkpoint {path} holds {sidecar['pattern']} masks but the "
                               f"model is built for {pattern}")
     chunks = model if isinstance(model, (list, tuple)) else [model]
@@ -199,7 +205,7 @@ def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
     stored = read_tensors_metadata(path)
     missing = []
     for key, shape in mask_tensor_shapes(sharded).items():
-        if key not in stored:
+        if key not in stored or other_pattern:  # (other_pattern: the masks are unused)
             missing.append(key)
             continue
         found = tuple(stored[key].global_shape)

@@ -1,5 +1,6 @@
 """`maskllm prune` and `maskllm eval-ppl` end to end on a small trained model (subprocesses)."""
 
+import json
 import random
 import re
 
@@ -102,3 +103,17 @@ def test_bad_prune_input_is_a_clear_error(corpus, trained, tmp_path):
     counts = re.search(r"= (\d+) tokens, but .* holds (\d+)", proc.stderr)
     assert counts and int(counts[1]) == 100000 * 33 and int(counts[2]) < int(counts[1])
     assert not (tmp_path / "y").exists()  # nothing written
+
+
+def test_a_dense_checkpoint_prunes_at_any_pattern(corpus, trained, tmp_path):
+    """Dense training (masks off) stores 2:4 mask tensors that never trained: pruning it at 1:4
+    reads only its weights. A checkpoint whose masks mean something keeps its pattern."""
+    proc = _prune(corpus, trained, "magnitude", tmp_path / "p14", "--N", "1", "--M", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sidecar = json.loads((tmp_path / "p14" / "pruned" / "maskllm.json").read_text())
+    assert sidecar["pattern"] == "1:4"
+    proc = _run(["prune", "--method", "magnitude", "--load", str(tmp_path / "p14" / "pruned"),
+                 "--model-config", str(corpus / "model"), "--data-path",
+                 str(corpus / "data" / "docs"), "--seq-length", "32", "--save",
+                 str(tmp_path / "again"), "--no-progress"], check=False)
+    assert proc.returncode == 2 and "holds 1:4 masks" in proc.stderr, proc.stderr[-3000:]
