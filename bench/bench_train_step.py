@@ -17,10 +17,12 @@ trainer does:
   mask, teacher with the plain weights under no_grad), the loss the trainer's
   ``distillation_loss`` (vocab-parallel cross-entropy and KL) on the logits.
 
-Prints the medians and ratios, the bytes of training state per prunable weight, the peak memory
-of each run (on a GPU: megatron's allocations, ``max_memory_allocated``; on the CPU: the
-process's peak resident set, reset before each run where Linux allows it) and the cost of
-distillation (time and peak memory, on vs off), and writes JSON.
+Prints the medians and ratios, the bytes of training state per prunable weight, the memory of
+each run: the activations autograd keeps for backward (counted through saved-tensor hooks,
+parameters excluded; any device) and the peak (on a GPU: ``max_memory_allocated``; on the CPU:
+the process's peak resident set, reset before each run where Linux allows it, which includes
+the interpreter and the model), and the cost of distillation (time and memory, on vs off), and
+writes JSON.
 
     python bench/bench_train_step.py [--device auto|cpu|cuda] [--layers 4 --hidden 256 ...]
 """
@@ -121,9 +123,26 @@ def run(args, device: torch.device) -> dict:
                 num_microbatches=1, seq_length=args.seq,
                 micro_batch_size=args.batch * (2 if distil else 1), forward_only=False)
 
-    def timed(step) -> tuple[float, float | None]:
+    def saved_activations_mib(step) -> float:
+        """What autograd keeps for backward during one step: the tensors its saved-tensor
+        hooks see (one micro-batch: all alive together before backward), parameters excluded."""
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            step()
+        return sum(storages.values()) / 2**20
+
+    def timed(step) -> tuple[float, float | None, float]:
         nonlocal iteration
-        step()  # warm-up (kernels compiled, buffers allocated)
+        saved = saved_activations_mib(step)  # also the warm-up (kernels, buffers)
+        step()
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -139,7 +158,7 @@ def run(args, device: torch.device) -> dict:
             times.append(time.perf_counter() - start)
         peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
                 else peak_rss_gib())
-        return statistics.median(times), peak
+        return statistics.median(times), peak, saved
 
     def requires(predicate) -> None:
         for name, param in model.named_parameters():
@@ -188,6 +207,7 @@ def run(args, device: torch.device) -> dict:
         threads=torch.get_num_threads(),
         seconds={k: v[0] for k, v in runs.items()},
         peak_gib={k: v[1] for k, v in runs.items()} if has_peak else None,
+        saved_activations_mib={k: v[2] for k, v in runs.items()},
         peak_memory=("cuda max_memory_allocated" if device.type == "cuda"
                      else "process peak resident set (VmHWM)") if has_peak else None,
         ratio_vs_frozen={k: v[0] / frozen[0] for k, v in runs.items()},
@@ -198,20 +218,24 @@ def run(args, device: torch.device) -> dict:
                 step_time_ratio=whole_kd[0] / whole[0],
                 fwd_bwd_time_ratio=learn_kd[0] / learn[0],
                 peak_gib_off=whole[1], peak_gib_on=whole_kd[1],
-                peak_ratio=whole_kd[1] / whole[1] if has_peak else None),
+                peak_ratio=whole_kd[1] / whole[1] if has_peak else None,
+                saved_activations_mib_off=whole[2], saved_activations_mib_on=whole_kd[2],
+                saved_activations_ratio=whole_kd[2] / whole[2]),
         prunable_weights=prunable, state_bytes_per_prunable_weight=state_bytes / prunable)
     print(f"{name}, {result['dtype']} weights, {args.layers} layers x hidden {args.hidden}, "
           f"{result['tokens']} tokens, vocab {args.vocab}")
-    print(f"{'run':<24} {'median s':>9} {'x frozen':>9}"
+    print(f"{'run':<24} {'median s':>9} {'x frozen':>9} {'saved MiB':>10}"
           + (f" {'peak GiB':>9}" if has_peak else ""))
-    for label, (seconds, peak) in runs.items():
-        print(f"{label:<24} {seconds:9.4f} {seconds / frozen[0]:9.2f}"
+    for label, (seconds, peak, saved) in runs.items():
+        print(f"{label:<24} {seconds:9.4f} {seconds / frozen[0]:9.2f} {saved:10.1f}"
               + (f" {peak:9.2f}" if peak is not None else ""))
     print(f"mask learning step: {result['ratio_vs_frozen']['mask learning step']:.2f}x frozen "
           f"dense (the weight-gradient GEMM alone costs {result['gemm_floor_vs_frozen']:.2f}x),"
           f" {result['step_vs_dense_training']:.2f}x dense training")
     print(f"distillation (a={kd.weight:g}, T={kd.temperature:g}): step "
-          f"{result['kd']['step_time_ratio']:.2f}x the step without it"
+          f"{result['kd']['step_time_ratio']:.2f}x the step without it, activations saved "
+          f"for backward {whole[2]:.1f} -> {whole_kd[2]:.1f} MiB "
+          f"({result['kd']['saved_activations_ratio']:.2f}x)"
           + (f", peak memory {whole[1]:.2f} -> {whole_kd[1]:.2f} GiB "
              f"({result['kd']['peak_ratio']:.2f}x)" if has_peak else ""))
     print(f"state {result['state_bytes_per_prunable_weight']:.2f} bytes per prunable weight "
