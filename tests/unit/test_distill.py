@@ -79,3 +79,19 @@ def test_flags_recipe_keys_and_validation(tmp_path):
                            (["--kd-weight", "0.5", "--dense", "--train-weights"], "--dense")):
         with pytest.raises(InputError, match=message):
             train_args_from(parse_args(["train", *flags]))
+
+
+def test_plan_counts_the_doubled_micro_batch():
+    from maskllm_megatron.model.config import ModelConfig, TransformerFields
+    from maskllm_megatron.training.plan import plan_layout
+
+    cfg = ModelConfig(TransformerFields(num_layers=4, hidden_size=256, num_attention_heads=4,
+                                        ffn_hidden_size=1024), vocab_size=4096,
+                      max_sequence_length=256)
+    plain = plan_layout(cfg, 1, 1, 8, 256, 2, 16, 80)
+    kd = plan_layout(cfg, 1, 1, 8, 256, 2, 16, 80, kd=True)
+    logits = 4 * 256 * 2 * 4096  # fp32 [s, b, V]
+    # layers at twice the micro-batch, four logits-sized tensors instead of one
+    assert kd.rows["activations"] - 2 * plain.rows["activations"] == pytest.approx(2 * logits)
+    assert {k: v for k, v in kd.rows.items() if k != "activations"} == \
+        {k: v for k, v in plain.rows.items() if k != "activations"}
