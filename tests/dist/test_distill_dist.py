@@ -130,9 +130,9 @@ def test_kd_loss_and_logit_grads_equal_float64_reference_at_tp2_and_pp2(dist4, t
     ref_ce, ref_kl, ref_grads = dist4.run(case_reference, path, kd)[0]
     assert ref_kl > 1e-3 and len(ref_grads) == 4  # the masks change the logits
     assert all(g.dtype == torch.float64 and g.abs().sum() > 0 for g in ref_grads.values())
-    for tp, pp, sp in ((2, 1, True), (1, 2, False)):
+    for tp, pp, sp in ((2, 1, False), (2, 1, True), (1, 2, False)):
         loss, extra, grads = dist4.run(case_kd_step, path, kd, sp, tp=tp, pp=pp)[0]
-        where = f"TP={tp} PP={pp}"
+        where = f"TP={tp} PP={pp}" + (" SP" if sp else "")
         assert loss == pytest.approx(ref_ce, rel=1e-5), where
         assert extra["kd_loss"] == pytest.approx(ref_kl, rel=1e-4), where
         assert grads.keys() == ref_grads.keys()
