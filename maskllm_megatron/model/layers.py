@@ -22,6 +22,12 @@ scope holding one :class:`SamplingState` (so the micro-batch is the one the pipe
 gave that call, also under interleaved schedules) that also collects the layers' regulariser
 terms for the caller. :func:`assign_layer_ids` gives each layer a stable id from its global
 layer number.
+
+Distillation (``SamplingState.teacher_half``): the micro-batch is doubled along the batch axis
+(dim 1 of megatron's ``[seq, batch, hidden]`` activations, also under sequence parallelism),
+and each sparse layer runs the first half (the student) with ``W * mask`` and the second half
+(the teacher: the same model, masks off) with the plain ``W`` under ``torch.no_grad()``. The
+teacher costs activations, not a second copy of the weights, and no gradient reaches it.
 """
 
 from __future__ import annotations
@@ -77,6 +83,8 @@ class SamplingState:
     dp_rank: int = 0
     tau: float = 4.0
     kappa: float = 100.0
+    # distillation: the last half of the batch axis is the teacher (plain weights, no grad)
+    teacher_half: bool = False
 
 
 class MaskSample:
@@ -193,10 +201,32 @@ class _SparseLinear:
         return out
 
     def _forward_impl(self, input, weight, *args, **kwargs):
+        sample = _ACTIVE_SAMPLE.get()
+        if sample is not None and sample.state.teacher_half:
+            return self._student_and_teacher(input, weight, *args, **kwargs)
+        return self._masked_forward_impl(input, weight, *args, **kwargs)
+
+    def _masked_forward_impl(self, input, weight, *args, **kwargs):
         masked = self.masked_weight(weight)
         if masked.requires_grad:  # derived weight: its gradient must flow through autograd
             kwargs["gradient_accumulation_fusion"] = False
         return super()._forward_impl(input, masked, *args, **kwargs)
+
+    def _student_and_teacher(self, input, weight, *args, **kwargs):
+        """A doubled micro-batch ``[seq, 2b, in]``: the first ``b`` with this layer's mask
+        (the student), the last ``b`` with the plain weight under no_grad (the teacher)."""
+        if input.dim() != 3 or input.shape[1] % 2:
+            raise RuntimeError(f"{type(self).__name__} ({self.kind}): distillation runs a doubled "
+                               f"micro-batch [seq, 2 x batch, hidden], got {list(input.shape)}")
+        half = input.shape[1] // 2
+        # contiguous halves: sequence parallelism all-gathers them, and only the student's
+        # half is kept for backward
+        student = self._masked_forward_impl(input[:, :half].contiguous(), weight, *args,
+                                            **kwargs)
+        with torch.no_grad():
+            teacher = super()._forward_impl(input[:, half:].contiguous(), weight, *args,
+                                            **kwargs)
+        return torch.cat([student, teacher], dim=1)
 
     @torch.no_grad()
     def init_mask_logits(self, seed: int, std: float = LOGITS_INIT_STD) -> None:

@@ -92,6 +92,14 @@ class TrainArgs:
                               "subtracted from the LM loss as in MaskLLM: loss = LM - lambda * "
                               "(1 - t/T) * sum((W * mask)^2), rewarding masks that keep large "
                               "weights; decayed linearly to 0 over the run; >= 0 (0: off)")
+    kd_weight: float = _flag(
+        0.0, "distillation weight a in [0, 1]: loss = (1 - a) * CE + a * T^2 * KL(teacher || "
+        "student), the teacher being the same model with its masks off, run in the same "
+        "forward pass on a doubled micro-batch (no second copy of the weights; about twice the "
+        "activations) (default: 0, off)")
+    kd_temperature: float = _flag(
+        1.0, "distillation temperature T > 0: both softmaxes at logits / T, the KL scaled by "
+        "T^2 (Hinton's convention) so that its gradient keeps the cross-entropy's scale")
     train_weights: bool = _flag(False, "train the weights too (default: frozen, only masks "
                                 "learn)")
     dense: bool = _flag(False, "masks off: dense pretraining (needs --train-weights)")
@@ -156,3 +164,12 @@ class TrainArgs:
             if len(getattr(self, name)) != 2:
                 raise InputError(f"--{name.replace('_', '-')} takes two numbers: start end")
         NMPattern(self.N, self.M)  # N < M, M in range
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise InputError(f"--kd-weight must be in [0, 1] (0: no distillation), got "
+                             f"{self.kd_weight}")
+        if not 0.0 < self.kd_temperature < float("inf"):
+            raise InputError(f"--kd-temperature must be a positive number, got "
+                             f"{self.kd_temperature}")
+        if self.kd_weight > 0 and self.dense:
+            raise InputError("--kd-weight distils the dense model into the masked one; with "
+                             "--dense the masks are off: drop one of them")

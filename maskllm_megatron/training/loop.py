@@ -12,8 +12,10 @@ Story of one run (:func:`train`):
    ``OptimizerParamScheduler``; megatron's forward-backward over the micro-batches (each
    micro-batch draws its own sample, each data-parallel rank too), the sparse-weight
    regulariser of *every* pipeline stage subtracted with the paper's sign
-   (``LM - lambda(t) * sum ||W * M~||^2``), ``finalize_model_grads``; megatron's grad norm and
-   clipping; non-finite steps refused; AdamW on this rank's slices, parameters all-gathered;
+   (``LM - lambda(t) * sum ||W * M~||^2``) and, with ``--kd-weight``, the distillation loss
+   from the same model with its masks off (:mod:`.distill`), ``finalize_model_grads``;
+   megatron's grad norm and clipping; non-finite steps refused; AdamW on this rank's slices,
+   parameters all-gathered;
 5. log (progress bar, JSONL, TensorBoard), save atomically, and plot at the end.
 
 Everything that varies per step (noise keys, data position, schedules) is a pure function of
@@ -60,6 +62,7 @@ from maskllm_megatron.model.layers import (
 )
 from maskllm_megatron.paths import removed_on_failure, require_path
 from maskllm_megatron.training.args import TrainArgs
+from maskllm_megatron.training.distill import distillation
 from maskllm_megatron.training.grads import wrap_model
 from maskllm_megatron.training.metrics import (
     TrainingLog,
@@ -163,6 +166,7 @@ def _train(args: TrainArgs, layout) -> dict:
         model_cfg.save(args.save)
     logger = TrainingLog(args, main_rank, start)
     previous_argmax = argmax_snapshot(model)
+    kd = distillation(args.kd_weight, args.kd_temperature)  # None: off
     skipped = 0
     metrics: dict = {}
     for iteration in range(start, args.train_iters):
@@ -171,8 +175,8 @@ def _train(args: TrainArgs, layout) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         reg_weight = regularizer_weight(args.weight_reg, iteration, args.train_iters)
         optimizer.zero_grad()
-        loss, reg = forward_backward(chunk, state, train_ds, batches, iteration, seq_length,
-                                      reg_weight, layout.device)
+        loss, reg, extra = forward_backward(chunk, state, train_ds, batches, iteration,
+                                             seq_length, reg_weight, layout.device, kd=kd)
         if fault_requested("nan-loss", iteration + 1):  # a diverged step, on every rank
             loss = float("nan")
         refusal, grad_norm = _check_step(optimizer, scaler, loss)
@@ -196,8 +200,10 @@ def _train(args: TrainArgs, layout) -> dict:
             continue
         step = iteration + 1
         # loss: the LM loss; reg: sum ||W * M~||^2; the step minimised loss - reg_weight * reg
+        # (and, with --kd-weight a, (1 - a) * loss + a * kd_loss - reg_weight * reg)
         metrics = dict(iteration=step, loss=loss, reg=reg, reg_weight=reg_weight, lr=lr,
-                       tau=state.tau, kappa=state.kappa, grad_norm=grad_norm, skipped=skipped)
+                       tau=state.tau, kappa=state.kappa, grad_norm=grad_norm, skipped=skipped,
+                       **extra)
         if args.log_interval and step % args.log_interval == 0:
             metrics.update(mask_statistics(model, previous_argmax, state))
             previous_argmax = argmax_snapshot(model)

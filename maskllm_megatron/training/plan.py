@@ -14,7 +14,11 @@ vocabulary V, at TP t and PP p (the first pipeline stage is the fullest; it is t
 * activations (Korthikanti et al. 2022, no recomputation, no sequence parallel):
   ``s b h (10 + 24/t + 5 a s / (h t))`` bytes per layer per micro-batch, times the stage's
   layers, times the micro-batches 1F1B keeps in flight on the first stage (min(p, m));
-  plus the logits ``4 s b V / t`` (fp32) on the last stage.
+  plus the logits ``4 s b V / t`` (fp32) on the last stage;
+* with distillation (``--kd-weight``) the micro-batch is doubled: activations at ``2 b``
+  (an upper bound: the teacher half's sparse matmuls keep nothing, 1.65x measured by
+  ``bench/bench_train_step.py``) and four logits-sized fp32 tensors (student, teacher, the
+  cross-entropy's softmax, the KL's gradient).
 
 DP = nodes x GPUs / (t x p). A layout fits when the total is below 90% of the GPU memory (the
 rest is the CUDA context, allocator slack and communication buffers).
@@ -69,7 +73,7 @@ def _sizes(cfg: ModelConfig) -> dict:
 
 def plan_layout(cfg: ModelConfig, tp: int, pp: int, world: int, seq: int, micro_batch: int,
                 global_batch: int, gpu_gb: float, pattern_candidates: int = 6,
-                pattern_m: int = 4) -> Plan:
+                pattern_m: int = 4, kd: bool = False) -> Plan:
     z = _sizes(cfg)
     layers = z["L"] // pp
     prunable = layers * z["linear"] / tp
@@ -81,10 +85,10 @@ def plan_layout(cfg: ModelConfig, tp: int, pp: int, world: int, seq: int, micro_
     dp = world // (tp * pp)
     microbatches = max(1, global_batch // (micro_batch * max(1, dp)))
     in_flight = min(pp, microbatches)
-    s, b, h, a = seq, micro_batch, z["h"], z["a"]
+    s, b, h, a = seq, micro_batch * (2 if kd else 1), z["h"], z["a"]
     per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
     activations = per_layer * layers * in_flight
-    logits_out = 4 * s * b * z["V"] / tp if pp == 1 else 0
+    logits_out = 4 * s * micro_batch * z["V"] / tp * (4 if kd else 1) if pp == 1 else 0
     rows = {"frozen weights (bf16)": frozen,
             "mask logits (fp32)": prunable * logits_per_weight * 4,
             "logit gradients (bf16)": prunable * logits_per_weight * 2,
@@ -94,7 +98,7 @@ def plan_layout(cfg: ModelConfig, tp: int, pp: int, world: int, seq: int, micro_
 
 
 def suggest(cfg: ModelConfig, world: int, seq: int, global_batch: int, gpu_gb: float,
-            gpus_per_node: int) -> Plan | None:
+            gpus_per_node: int, kd: bool = False) -> Plan | None:
     """The smallest TP (within a node), then PP, then the largest micro-batch that fits."""
     a, g = cfg.transformer.num_attention_heads, cfg.transformer.num_query_groups
     layers = cfg.transformer.num_layers
@@ -104,7 +108,7 @@ def suggest(cfg: ModelConfig, world: int, seq: int, global_batch: int, gpu_gb: f
                 dp = world // (tp * pp)
                 if global_batch % (mbs * dp):
                     continue
-                plan = plan_layout(cfg, tp, pp, world, seq, mbs, global_batch, gpu_gb)
+                plan = plan_layout(cfg, tp, pp, world, seq, mbs, global_batch, gpu_gb, kd=kd)
                 if plan.fits:
                     return plan
     return None
@@ -124,8 +128,9 @@ def plan_training(args: TrainArgs, nodes: int, gpus_per_node: int,
     if world % (tp * pp):
         raise InputError(f"{world} GPUs are not a multiple of TP {tp} x PP {pp}; choose sizes "
                          "whose product divides --nodes x --gpus-per-node")
+    kd = args.kd_weight > 0
     plan = plan_layout(cfg, tp, pp, world, seq, args.micro_batch_size, args.global_batch_size,
-                       gpu_gb)
+                       gpu_gb, kd=kd)
     if plan.fits:
         return plan, None
-    return plan, suggest(cfg, world, seq, args.global_batch_size, gpu_gb, gpus_per_node)
+    return plan, suggest(cfg, world, seq, args.global_batch_size, gpu_gb, gpus_per_node, kd=kd)

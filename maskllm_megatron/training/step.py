@@ -6,7 +6,8 @@ pruning's calibration all reach the model through :func:`forward_backward` and
 (:func:`microbatch_iterators`), so the index that keys a forward call's noise is the schedule's
 own, also under megatron's interleaved (virtual pipeline) schedule. The sparse-weight
 regulariser enters the loss with the paper's sign, defined once (:data:`REGULARIZER_SIGN`,
-applied by :func:`add_regularizer`).
+applied by :func:`add_regularizer`). With distillation (:mod:`.distill`) each micro-batch is
+doubled (student, teacher) and the loss is :func:`.distill.distillation_loss`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from maskllm_megatron import distributed
 from maskllm_megatron.cpu_shims import cuda_literals
 from maskllm_megatron.data.datasets import batch_for
 from maskllm_megatron.model.layers import SamplingState, sampling, set_mask_mode, sparse_layers
+from maskllm_megatron.training.distill import Distillation, distillation_loss, doubled
 
 
 def masked_lm_loss(output_tensor: torch.Tensor, loss_mask: torch.Tensor):
@@ -93,26 +95,38 @@ def microbatch_iterators(model, num_microbatches: int,
 
 
 def forward_backward(model, state: SamplingState, dataset, batches, iteration: int,
-                     seq_length: int, reg_weight: float, device) -> tuple[float, float]:
+                     seq_length: int, reg_weight: float, device,
+                     kd: Distillation | None = None) -> tuple[float, float, dict[str, float]]:
     """megatron's forward-backward over this iteration's micro-batches; (LM loss, regulariser
-    ``sum ||W * M~||^2`` over every stage's and TP shard's layers), each averaged over
-    micro-batches and data parallel, the same on every rank. The loss it differentiates is
-    ``LM + REGULARIZER_SIGN * reg_weight * regulariser`` (:func:`add_regularizer`).
+    ``sum ||W * M~||^2`` over every stage's and TP shard's layers, extra losses), each averaged
+    over micro-batches and data parallel, the same on every rank. The loss it differentiates
+    is ``LM + REGULARIZER_SIGN * reg_weight * regulariser`` (:func:`add_regularizer`).
     ``state`` is the iteration's sampling state; each forward call samples at its own
-    micro-batch."""
+    micro-batch. ``kd`` (weight > 0): each micro-batch runs doubled, student and teacher, the
+    LM term becomes :func:`.distill.distillation_loss` and the extra losses hold ``kd_loss``
+    (its ``T**2 * KL`` term); the LM loss reported is the student's cross-entropy either way."""
     regs: list[torch.Tensor] = []
+    if kd is not None and kd.weight == 0:
+        kd = None  # off: the plain micro-batch, exactly as without distillation
 
     def forward_step(data_iterator, model):
         k, batch = next(data_iterator)
-        with sampling(dataclasses.replace(state, microbatch=k)) as sample:
-            output = model(batch["tokens"], batch["position_ids"], None,
-                           labels=batch["labels"])
+        if kd is not None:
+            with sampling(dataclasses.replace(state, microbatch=k, teacher_half=True)) as sample:
+                output = model(*doubled(batch), None)  # vocab-parallel logits on the last stage
+            loss_func = functools.partial(distillation_loss, labels=batch["labels"],
+                                          loss_mask=batch["loss_mask"], kd=kd)
+        else:
+            with sampling(dataclasses.replace(state, microbatch=k)) as sample:
+                output = model(batch["tokens"], batch["position_ids"], None,
+                               labels=batch["labels"])
+            loss_func = functools.partial(masked_lm_loss, loss_mask=batch["loss_mask"])
         reg = sample.regularizer()
         if reg is not None:
             regs.append(reg.detach())
             output = add_regularizer(output, reg, reg_weight, batches.num_microbatches,
                                      getattr(model, "config", None))
-        return output, functools.partial(masked_lm_loss, loss_mask=batch["loss_mask"])
+        return output, loss_func
 
     data = microbatch_iterators(
         model, batches.num_microbatches,
@@ -121,17 +135,22 @@ def forward_backward(model, state: SamplingState, dataset, batches, iteration: i
         losses = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=data, model=model_chunks(model),
             num_microbatches=batches.num_microbatches, seq_length=seq_length,
-            micro_batch_size=batches.micro_batch_size, forward_only=False)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+            # the p2p tensors between pipeline stages carry the doubled micro-batch
+            micro_batch_size=batches.micro_batch_size * (2 if kd is not None else 1),
+            forward_only=False)
+    keys = ("lm loss", "kd loss") if kd is not None else ("lm loss",)
+    totals = torch.zeros(len(keys) + 1, dtype=torch.float64, device=device)
     if losses:  # the loss lives on the last stage: share it along the pipeline
-        totals[0] = torch.stack([d["lm loss"] for d in losses]).double().mean()
+        for i, key in enumerate(keys):
+            totals[i] = torch.stack([d[key] for d in losses]).double().mean()
     if regs:
-        totals[1] = torch.stack(regs).double().mean()
-    dist.all_reduce(totals[:1], group=ps.get_pipeline_model_parallel_group())
-    dist.all_reduce(totals[1:], group=ps.get_model_parallel_group())  # every stage, TP shard
+        totals[-1] = torch.stack(regs).double().mean()
+    dist.all_reduce(totals[:-1], group=ps.get_pipeline_model_parallel_group())
+    dist.all_reduce(totals[-1:], group=ps.get_model_parallel_group())  # every stage, TP shard
     dist.all_reduce(totals, group=ps.get_data_parallel_group())
-    loss, reg = (totals / ps.get_data_parallel_world_size()).tolist()
-    return loss, reg
+    *means, reg = (totals / ps.get_data_parallel_world_size()).tolist()
+    extra = {"kd_loss": means[1]} if kd is not None else {}
+    return means[0], reg, extra
 
 
 @torch.no_grad()

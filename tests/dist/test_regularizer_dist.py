@@ -66,7 +66,7 @@ def case_regularizer_against_float64():
     def step(reg_weight):
         for layer in layers:
             layer.mask_logits.grad = None
-        loss, reg = forward_backward(model, state, dataset, batches, ITERATION, SEQ, reg_weight,
+        loss, reg, _ = forward_backward(model, state, dataset, batches, ITERATION, SEQ, reg_weight,
                                      torch.device("cpu"))
         return loss, reg, [layer.mask_logits.grad.clone() for layer in layers]
 
