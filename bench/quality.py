@@ -317,7 +317,9 @@ def main() -> int:
                         "every cell of the grid)")
     parser.add_argument("--iters", type=int, default=None, help="mask-learning iterations of "
                         "every cell (default: the demo size's mask_iters)")
-    parser.add_argument("--workdir", default="bench/results/quality-work")
+    parser.add_argument("--workdir", default=None, help="the demo's steps and the cells, "
+                        "cached (default: bench/results/quality-work-SIZE; a demo's work "
+                        "directory of the same size reuses its dense model)")
     parser.add_argument("--out", default=None, help="JSON (default: "
                         "bench/results/quality-SIZE.json; the PNG and .md beside it)")
     parser.add_argument("--list", action="store_true", help="print the grid and exit")
@@ -327,6 +329,8 @@ def main() -> int:
     from maskllm_megatron import demo
 
     size = demo.SIZES[args.size]
+    # the step cache does not record the size: one work directory per size
+    args.workdir = args.workdir or f"bench/results/quality-work-{args.size}"
     iters = args.iters or size.mask_iters
     cells = grid_cells(args.grid, iters, train_fields(), size)
     if args.cells:
