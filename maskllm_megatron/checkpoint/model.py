@@ -32,6 +32,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from maskllm_megatron import distributed
 from maskllm_megatron.checkpoint.integrity import seal, seal_collective, verify
 from maskllm_megatron.checkpoint.safe_load import (
+    leaves,
     load_sharded,
     read_json,
     read_tensors_metadata,
@@ -51,28 +52,17 @@ FORMAT_VERSION = 1
 MASK_SUFFIXES = (".mask_logits", ".mask_indices")
 
 
-def _walk(tree):
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _walk(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _walk(value)
-    else:
-        yield tree
-
-
 def parameter_entries(model) -> dict[int, object]:
     """``id(parameter)`` -> its entry (ShardedTensor or factory) in the model's sharded state
     dict: where an optimizer moment of that parameter goes in a checkpoint."""
-    return {id(item.data): item for item in _walk(model.sharded_state_dict())
+    return {id(item.data): item for item in leaves(model.sharded_state_dict())
             if isinstance(getattr(item, "data", None), torch.nn.Parameter)}
 
 
 def mask_tensor_shapes(sharded_state_dict) -> dict[str, tuple[int, ...]]:
     """Global shape of every mask tensor in a sharded state dict."""
     shapes = {}
-    for item in _walk(sharded_state_dict):
+    for item in leaves(sharded_state_dict):
         pieces = item.build() if isinstance(item, ShardedTensorFactory) else [item]
         for piece in pieces:
             if isinstance(piece, ShardedTensor) and piece.key.endswith(MASK_SUFFIXES):
@@ -138,7 +128,7 @@ def save_model(model, path: str | Path, masks_only: bool = False) -> None:
     path.mkdir(parents=True, exist_ok=True)
     sharded = model.sharded_state_dict()
     if masks_only:
-        sharded = {str(i): item for i, item in enumerate(_walk(sharded))
+        sharded = {str(i): item for i, item in enumerate(leaves(sharded))
                    if str(getattr(item, "key", "")).endswith(MASK_SUFFIXES)}
     write_sharded(sharded, path)
     local = {"pattern": _pattern_of(model), "masks": mask_tensor_shapes(sharded),
@@ -222,7 +212,7 @@ def load_model(model, path: str | Path, missing_masks: str = "error") -> None:
     # modules' ``_extra_state`` (TE's fp8 metadata, None for megatron's local modules) is not
     # requested: a checkpoint written with one transformer implementation (TE on a GPU, local
     # on the CPU) then loads into the other, and no mask-learning run uses fp8
-    sharded = _drop_keys(sharded, {str(getattr(item, "key", "")) for item in _walk(sharded)
+    sharded = _drop_keys(sharded, {str(getattr(item, "key", "")) for item in leaves(sharded)
                                    if str(getattr(item, "key", "")).endswith("_extra_state")})
     state = load_sharded(sharded, path)
     unexpected, absent = [], []
@@ -258,7 +248,7 @@ def global_tensors(model, suffixes=MASK_SUFFIXES, grads: bool = False) -> dict[s
     """
     chunks = model if isinstance(model, (list, tuple)) else [model]
     pieces = []
-    for item in _walk([chunk.sharded_state_dict() for chunk in chunks]):
+    for item in leaves([chunk.sharded_state_dict() for chunk in chunks]):
         if isinstance(item, ShardedTensorFactory):
             if not item.key.endswith(suffixes):
                 continue

@@ -247,7 +247,7 @@ class SafeTorchDistLoad(TorchDistLoadShardedStrategy):
         directory = Path(checkpoint_dir)
         reader = SafeFileSystemReader(directory)
         metadata = reader.read_metadata()  # refused here, before torch's collective steps
-        tensors = [item for item in _leaves(sharded_state_dict) if isinstance(item, ShardedTensor)]
+        tensors = [item for item in leaves(sharded_state_dict) if isinstance(item, ShardedTensor)]
         flat, flat_mapping, rename_mapping = _replace_state_dict_keys_with_sharded_keys(
             sharded_state_dict)
         pyt_state_dict = mcore_to_pyt_state_dict(flat, True)
@@ -288,13 +288,14 @@ class SafeTorchDistLoad(TorchDistLoadShardedStrategy):
         return out
 
 
-def _leaves(tree):
+def leaves(tree):
+    """The leaves of a (sharded) state dict: nested dicts, lists and tuples walked through."""
     if isinstance(tree, dict):
         for value in tree.values():
-            yield from _leaves(value)
+            yield from leaves(value)
     elif isinstance(tree, (list, tuple)):
         for value in tree:
-            yield from _leaves(value)
+            yield from leaves(value)
     else:
         yield tree
 
