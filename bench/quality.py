@@ -11,10 +11,13 @@ budget (train_iters x global_batch x seq, printed) and the same seed; only its f
   kd_weight (else those cells are skipped, with the reason);
 * pattern: 2:4 / 1:4 / 4:8 / 2:8;
 * schedule: the paper's (tau 4 -> 0.05, kappa 1e2 -> 5e2, linear over the run) / "cold" (tau
-  1 -> 0.05, same kappa). The demo's budgets are ~10x shorter than the paper's 2,000 steps:
-  at tau 4 the soft masks are close to uniform for the first part of the run, so a colder
-  start (the same end) asks whether a short run is better spent near the hard masks it is
-  measured with.
+  1 -> 0.05, same kappa). The demo's budgets are shorter than the paper's 2,000 steps: at
+  tau 4 the soft masks are close to uniform for the first part of the run, so a colder start
+  (the same end) asks whether a short run is better spent near the hard masks it is measured
+  with;
+* prior strength: 3 (the paper's) / 30. The prior is a logit bias of strength x 0.01 (the
+  logits' initial std), which the demo's learning rate can undo within a few steps;
+* mask learning rate: the demo size's / the paper's 5e-4 (its 5e-5 x gate multiplier 10).
 
 ``--grid reduced`` (default) varies one factor at a time around the base cell (2:4, SparseGPT
 prior, regulariser on, CE, the paper's schedule); ``--grid full`` is their product. One-shot
@@ -49,12 +52,15 @@ SCHEDULES = {  # name: (tau start, end), (kappa start, end), kind
     "cold": ((1.0, 0.05), (1e2, 5e2), "linear"),
 }
 LOSSES = {"ce": 0.0, "kd": 1.0, "mix": 0.5}  # kd_weight
+PAPER_MASK_LR = 5e-4  # the paper's logit learning rate (5e-5 x lr multiplier 10)
 FACTORS = {  # factor: its levels, the base cell's level first
     "prior": ("sparsegpt", "none", "magnitude"),
     "reg": ("on", "off"),
     "loss": ("ce", "kd", "mix"),
     "pattern": ("2:4", "1:4", "4:8", "2:8"),
     "schedule": ("paper", "cold"),
+    "strength": ("3", "30"),  # --prior-strength: the paper's 3, and 10x
+    "lr": ("demo", "paper"),  # mask learning rate: the demo size's, or the paper's 5e-4
 }
 BASE = {factor: levels[0] for factor, levels in FACTORS.items()}
 ONE_SHOT_METHODS = ("magnitude", "sparsegpt")  # mask only: the references and the priors
@@ -86,6 +92,9 @@ class Cell:
                       weight_reg=PAPER_WEIGHT_REG if self.levels["reg"] == "on" else 0.0,
                       gumbel_temperature_range=list(tau), gumbel_scale_range=list(kappa),
                       gumbel_schedule=kind)
+        fields["prior_strength"] = float(self.levels["strength"])
+        if self.levels["lr"] == "paper":
+            fields.update(lr=PAPER_MASK_LR, min_lr=PAPER_MASK_LR / 10)
         kd = LOSSES[self.levels["loss"]]
         if kd:  # CE cells leave kd_weight at its default (0, off), so they run without it
             fields["kd_weight"] = kd

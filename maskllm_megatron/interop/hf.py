@@ -126,6 +126,7 @@ def model_config_from_hf(hf: dict, tp: int = 1, divisible_by: int = 128,
         position, max_len = "rope", hf["max_position_embeddings"]
         tied, vocab = bool(hf.get("tie_word_embeddings", False)), hf["vocab_size"]
     transformer["params_dtype"] = dtype
+    transformer["init_method_std"] = float(hf.get("initializer_range", 0.02))
     shape = TransformerFields(**transformer)
     check_parallel(shape, tp)
     return ModelConfig(transformer=shape,
@@ -149,7 +150,7 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
                 "n_head": heads, "n_positions": cfg.max_sequence_length,
                 "n_inner": t.ffn_hidden_size, "activation_function": "gelu_new",
                 "layer_norm_epsilon": t.layernorm_epsilon,
-                "tie_word_embeddings": True, "torch_dtype": t.params_dtype, "bos_token_id": 0,
+                "initializer_range": t.init_method_std, "tie_word_embeddings": True, "torch_dtype": t.params_dtype, "bos_token_id": 0,
                 "eos_token_id": 0}
     if (t.gated_linear_unit and t.activation == "silu" and t.normalization == "RMSNorm"
             and cfg.position_embedding_type == "rope" and cfg.rotary_percent == 1.0):
@@ -159,7 +160,7 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
                 "num_hidden_layers": t.num_layers, "num_attention_heads": heads,
                 "num_key_value_heads": t.num_query_groups, "head_dim": t.kv_channels,
                 "rms_norm_eps": t.layernorm_epsilon, "hidden_act": "silu",
-                "rope_theta": cfg.rotary_base, "max_position_embeddings": cfg.max_sequence_length,
+                "initializer_range": t.init_method_std, "rope_theta": cfg.rotary_base, "max_position_embeddings": cfg.max_sequence_length,
                 "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
                 "attention_bias": t.add_qkv_bias, "mlp_bias": t.add_bias_linear,
                 "torch_dtype": t.params_dtype}

@@ -109,6 +109,9 @@ class TransformerFields:
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
     params_dtype: str = "float32"  # the dtype the weights were written in
+    # std of the normal initialisation of a freshly built model (megatron's init_method_std;
+    # HF's initializer_range); only a model trained from scratch uses it
+    init_method_std: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads"):
@@ -128,10 +131,12 @@ class TransformerFields:
         _check_choice("transformer.activation", self.activation, tuple(ACTIVATIONS))
         _check_choice("transformer.normalization", self.normalization, NORMALIZATIONS)
         _check_choice("transformer.params_dtype", self.params_dtype, PARAMS_DTYPES)
-        _check_type("transformer.layernorm_epsilon", self.layernorm_epsilon, (float, int))
-        if self.layernorm_epsilon <= 0:
-            raise ModelConfigError("model config: transformer.layernorm_epsilon must be "
-                                   f"positive, got {self.layernorm_epsilon}")
+        for name in ("layernorm_epsilon", "init_method_std"):
+            value = getattr(self, name)
+            _check_type(f"transformer.{name}", value, (float, int))
+            if not value > 0:
+                raise ModelConfigError(f"model config: transformer.{name} must be positive, "
+                                       f"got {value}")
         for name in ("gated_linear_unit", "layernorm_zero_centered_gamma", "add_bias_linear",
                      "add_qkv_bias", "qk_layernorm"):
             _check_type(f"transformer.{name}", getattr(self, name), bool)

@@ -222,7 +222,8 @@ void backward(const Params& p, const T* grad_out, const T* w, const float* logit
         const float wk = to_float(w[base + k]), gk = to_float(grad_out[base + k]);
         const float mk = m[k][i];
         dm[k][i] = gk * wk + 2.f * grad_reg * wk * wk * mk;
-        if (grad_w) grad_w[base + k] = from_float<T>(gk * mk + 2.f * grad_reg * wk * mk * mk);
+        // the regulariser acts on W.detach() (the paper's): it adds nothing to dW
+        if (grad_w) grad_w[base + k] = from_float<T>(gk * mk);
       }
     }
     for (int i = nt; i < kTile; ++i)  // padding lanes: defined values, never stored

@@ -77,7 +77,7 @@ def backward(grad_out, grad_reg, weight, logits, spec, need_weight_grad: bool, i
         go = grad_out[start:stop].to(dtype).reshape(mask.shape)
         d_mask = go * w + 2 * greg * w * w * mask
         if grad_weight is not None:
-            d_w = go * mask + 2 * greg * w * mask * mask
+            d_w = go * mask  # the regulariser acts on W.detach() (the paper's): no W term
             grad_weight[start:stop] = d_w.reshape(stop - start, -1).to(weight.dtype)
         d_y = (d_mask.unsqueeze(-2) * candidates).sum(-1)  # [rows, G, C]
         d_z = y * (d_y - (y * d_y).sum(-1, keepdim=True))

@@ -363,7 +363,7 @@ if triton is not None:
         for k in tl.static_range(M):
             mask = tl.where(hard != 0, hard_mask[k], soft[k])
             d_mask = d_mask + (go[k] * w[k] + 2.0 * greg * w[k] * w[k] * mask,)
-            d_w = d_w + (go[k] * mask + 2.0 * greg * w[k] * mask * mask,)
+            d_w = d_w + (go[k] * mask,)  # the regulariser acts on W.detach(): no W term
             dot += soft[k] * d_mask[k]
         if wgrad != 0:
             _store_rows(grad_w_ptr, g, gmask, d_w, 0, M)

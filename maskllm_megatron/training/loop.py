@@ -201,10 +201,11 @@ def _train(args: TrainArgs, layout) -> dict:
         step = iteration + 1
         # loss: the LM loss; reg: sum ||W * M~||^2; the step minimised loss - reg_weight * reg
         # (and, with --kd-weight a, (1 - a) * loss + a * kd_loss - reg_weight * reg)
-        metrics = dict(iteration=step, loss=loss, reg=reg, reg_weight=reg_weight, lr=lr,
-                       tau=state.tau, kappa=state.kappa, grad_norm=grad_norm, skipped=skipped,
+        metrics = dict(iteration=step, loss=loss, lr=lr, grad_norm=grad_norm, skipped=skipped,
                        **extra)
-        if args.log_interval and step % args.log_interval == 0:
+        if not args.dense:  # masks off (dense pretraining): no mask schedule to report
+            metrics.update(reg=reg, reg_weight=reg_weight, tau=state.tau, kappa=state.kappa)
+        if args.log_interval and step % args.log_interval == 0 and not args.dense:
             metrics.update(mask_statistics(model, previous_argmax, state))
             previous_argmax = argmax_snapshot(model)
         if args.eval_interval and valid_ds is not None and step % args.eval_interval == 0:

@@ -46,6 +46,21 @@ def test_transformer_config_resolves_megatron_defaults_the_same_way():
     assert config.tensor_model_parallel_size == 2 and config.use_cpu_initialization
 
 
+def test_init_method_std_reaches_megatron_and_round_trips(tmp_path):
+    """The demo trains from scratch with a wider initialisation than megatron's 0.02: the
+    field must reach megatron's TransformerConfig and survive a save; old files default."""
+    assert ModelConfig.from_dict(VERSION_1).transformer.init_method_std == 0.02
+    cfg = ModelConfig(TransformerFields(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                        init_method_std=0.07), vocab_size=128)
+    config = cfg.transformer_config(1, 1)
+    assert config.init_method_std == 0.07
+    weight = torch.empty(256, 256)
+    config.init_method(weight)
+    assert abs(weight.std().item() - 0.07) < 0.003
+    cfg.save(tmp_path)
+    assert ModelConfig.load(tmp_path).transformer.init_method_std == 0.07
+
+
 @pytest.mark.parametrize("change, message", [
     ({"num_layers": 0}, "transformer.num_layers must be positive"),
     ({"hidden_size": "64"}, "transformer.hidden_size must be int"),
@@ -54,6 +69,8 @@ def test_transformer_config_resolves_megatron_defaults_the_same_way():
     ({"normalization": "BatchNorm"}, "transformer.normalization 'BatchNorm' is unknown"),
     ({"gated_linear_unit": 1}, "transformer.gated_linear_unit must be bool"),
     ({"params_dtype": "float64"}, "transformer.params_dtype 'float64' is unknown"),
+    ({"init_method_std": 0.0}, "transformer.init_method_std must be positive"),
+    ({"init_method_std": "0.02"}, "transformer.init_method_std must be"),
     ({"hidden_dropout": 0.1}, r"unknown transformer fields \['hidden_dropout'\]"),
 ])
 def test_bad_transformer_fields_name_the_field(tmp_path, change, message):

@@ -31,7 +31,7 @@ def test_reduced_grid_varies_each_factor_once_around_the_base(quality):
     assert len(names) == len(set(names))
     assert cells[0].name == "base" and cells[0].levels == quality.BASE
     assert quality.BASE == {"prior": "sparsegpt", "reg": "on", "loss": "ce", "pattern": "2:4",
-                            "schedule": "paper"}
+                            "schedule": "paper", "strength": "3", "lr": "demo"}
     seen = {f: {quality.BASE[f]} for f in quality.FACTORS}
     for cell in cells[1:]:
         changed = [f for f in quality.FACTORS if cell.levels[f] != quality.BASE[f]]
@@ -48,18 +48,24 @@ def test_reduced_grid_varies_each_factor_once_around_the_base(quality):
 def test_every_cell_has_the_same_budget_and_its_own_factors(quality):
     cells = quality.grid_cells("full", 7, quality.train_fields() | {"kd_weight"},
                                demo.SIZES["default"])
-    assert len(cells) == 3 * 2 * 3 * 4 * 2 and len({c.name for c in cells}) == len(cells)
+    assert len(cells) == 3 * 2 * 3 * 4 * 2 * 2 * 2
+    assert len({c.name for c in cells}) == len(cells)
     for cell in cells:
         o = cell.overrides()
         assert o["train_iters"] == 7 and o["seed"] == quality.SEED
         assert (o["N"], o["M"]) == cell.pattern
         assert o["weight_reg"] == (1e-5 if cell.levels["reg"] == "on" else 0.0)
         assert o.get("kd_weight", 0.0) == quality.LOSSES[cell.levels["loss"]]
+        assert o["prior_strength"] == float(cell.levels["strength"])
+        assert ("lr" in o) == (cell.levels["lr"] == "paper")  # else the demo size's
+        if "lr" in o:
+            assert o["lr"] == 5e-4 and o["min_lr"] == 5e-5
     base = next(c for c in cells if c.name == "base").overrides()
     assert base["gumbel_temperature_range"] == [4.0, 0.05]
     assert base["gumbel_scale_range"] == [1e2, 5e2] and base["gumbel_schedule"] == "linear"
-    budget = quality.budget(demo.SIZES["default"], 150)
-    assert budget["tokens"] == 150 * 8 * 256
+    size = demo.SIZES["default"]
+    budget = quality.budget(size, 150)
+    assert budget["tokens"] == 150 * size.global_batch * size.seq
 
 
 def test_cells_that_cannot_run_say_why(quality):

@@ -49,7 +49,8 @@ def reference(weight, logits, pattern, tau, kappa, key, hard=False, shard=None):
         y = one_hot - y.detach() + y
     mask = (y @ pattern.candidates(torch.float64)).reshape(out_dim, in_dim)
     out = weight.double() * mask
-    return out, out.square().sum()
+    # the regulariser is sum ||W.detach() * mask||^2 (the paper's): it moves the logits only
+    return out, (weight.detach().double() * mask).square().sum()
 
 
 def fp32_mask_error(weight, logits, pattern, tau, kappa, key):
@@ -166,11 +167,15 @@ def test_torch_path_gradcheck():
     weight, logits = weight.double().requires_grad_(), logits.double().requires_grad_()
 
     def f(w, lg):
-        out, reg = sample_masked_weight(w, lg, pattern, tau=1.5, kappa=4.0, key=3,
-                                        backend="torch")
-        return out, reg
+        return sample_masked_weight(w, lg, pattern, tau=1.5, kappa=4.0, key=3,
+                                    backend="torch")
 
-    assert torch.autograd.gradcheck(f, (weight, logits), eps=1e-6, atol=1e-7)
+    # W * mask in both inputs; the regulariser sees W.detach() (the paper's), so it is checked
+    # as a function of the logits only
+    assert torch.autograd.gradcheck(lambda w, lg: f(w, lg)[0], (weight, logits), eps=1e-6,
+                                    atol=1e-7)
+    assert torch.autograd.gradcheck(lambda lg: f(weight.detach(), lg)[1], (logits,), eps=1e-6,
+                                    atol=1e-7)
 
 
 def test_weight_gets_no_gradient_unless_it_requires_one():
@@ -393,3 +398,18 @@ def test_torch_path_chunks_do_not_change_the_result(monkeypatch):
     chunked = run("torch", weight, logits, pattern, **kw)
     for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regulariser_moves_the_logits_not_the_weights(backend):
+    """The paper's regulariser is sum ||W.detach() * mask||^2: with --train-weights it must not
+    push |W| up (the loss subtracts it), only keep the logits' gradients alive."""
+    pattern = PATTERNS[0]
+    weight, logits = random_case(pattern, seed=8)
+    kw = dict(tau=2.0, kappa=80.0, key=NoiseKey(seed=3, iteration=1).philox_key())
+    _, _, dl_with, dw_with = run(backend, weight, logits, pattern, weight_grad=True,
+                                 reg_weight=0.9, **kw)
+    _, _, dl_without, dw_without = run(backend, weight, logits, pattern, weight_grad=True,
+                                       reg_weight=0.0, **kw)
+    assert torch.equal(dw_with, dw_without)
+    assert not torch.allclose(dl_with, dl_without)
