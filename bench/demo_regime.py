@@ -40,19 +40,19 @@ def regime(args, size, log) -> dict:
     for iteration in range(args.every, size.pretrain_iters + 1, args.every):
         ckpt = run / f"iter_{iteration:07d}"
         point = {"iteration": iteration}
+        label = f"held-out PPL: dense at iteration {iteration}"
         point["dense"] = steps.run(
-            f"ppl-dense-{iteration}", lambda c=ckpt: demo.heldout_ppl(
-                prep, c, f"held-out PPL: dense at {iteration}", str(run)),
-            f"held-out PPL: dense at iteration {iteration}")["ppl"]
+            f"ppl-dense-{iteration}", lambda c=ckpt, lb=label: demo.heldout_ppl(
+                prep, c, lb, str(run)), label)["ppl"]
         for method in METHODS:
             out = prep.workdir / "regime" / f"{method}-{iteration}"
             steps.run(f"prune-{method}-{iteration}", lambda m=method, o=out, c=ckpt: (
                 demo.prune_one(prep, m, False, o, load=c, model_config=str(run))),
                 f"one-shot 2:4 {method} at iteration {iteration}")
+            label = f"held-out PPL: {method} at iteration {iteration}"
             point[method] = steps.run(
-                f"ppl-{method}-{iteration}", lambda o=out: demo.heldout_ppl(
-                    prep, o / "pruned", f"held-out PPL: {method} at {iteration}"),
-                f"held-out PPL: {method} at iteration {iteration}")["ppl"]
+                f"ppl-{method}-{iteration}", lambda o=out, lb=label: demo.heldout_ppl(
+                    prep, o / "pruned", lb), label)["ppl"]
         point["cost"] = {m: point[m] / point["dense"] - 1 for m in METHODS}
         log(json.dumps(point))
         points.append(point)

@@ -290,8 +290,10 @@ def render(result: dict, png: Path) -> Path | None:
             style = "--" if "magnitude" in r["cell"] else ":"
             ax.axhline(r["ppl"], color=color[r["pattern"]], linestyle=style, linewidth=1,
                        label=f"{r['pattern']} {r['differs']} ({r['ppl']:.1f})")
-    values = [r["ppl"] for r in learned] + [result["dense_ppl"]]
-    ax.set_ylim(0.9 * min(values), 1.15 * max(values))
+    refs = [r["ppl"] for r in result["rows"]
+            if r["kind"] == "reference" and r.get("pattern") in color]
+    values = [r["ppl"] for r in learned] + [result["dense_ppl"]] + refs
+    ax.set_ylim(0.9 * min(values), 1.08 * max(values))  # every reference line in view
     b = result["budget"]
     ax.set_title(f"held-out PPL per cell ({b['tokens']:,} tokens each, seed {b['seed']}; "
                  "bar colour: pattern)", fontsize=9)

@@ -150,8 +150,8 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
                 "n_head": heads, "n_positions": cfg.max_sequence_length,
                 "n_inner": t.ffn_hidden_size, "activation_function": "gelu_new",
                 "layer_norm_epsilon": t.layernorm_epsilon,
-                "initializer_range": t.init_method_std, "tie_word_embeddings": True, "torch_dtype": t.params_dtype, "bos_token_id": 0,
-                "eos_token_id": 0}
+                "initializer_range": t.init_method_std, "tie_word_embeddings": True,
+                "torch_dtype": t.params_dtype, "bos_token_id": 0, "eos_token_id": 0}
     if (t.gated_linear_unit and t.activation == "silu" and t.normalization == "RMSNorm"
             and cfg.position_embedding_type == "rope" and cfg.rotary_percent == 1.0):
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -160,7 +160,8 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
                 "num_hidden_layers": t.num_layers, "num_attention_heads": heads,
                 "num_key_value_heads": t.num_query_groups, "head_dim": t.kv_channels,
                 "rms_norm_eps": t.layernorm_epsilon, "hidden_act": "silu",
-                "initializer_range": t.init_method_std, "rope_theta": cfg.rotary_base, "max_position_embeddings": cfg.max_sequence_length,
+                "initializer_range": t.init_method_std, "rope_theta": cfg.rotary_base,
+                "max_position_embeddings": cfg.max_sequence_length,
                 "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
                 "attention_bias": t.add_qkv_bias, "mlp_bias": t.add_bias_linear,
                 "torch_dtype": t.params_dtype}
