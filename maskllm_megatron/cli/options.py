@@ -43,7 +43,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="pipeline stages per model copy")
     p.add_argument("--seq-length", type=int,
-                   help="tokens per sequence (default: the model's max sequence length)")
+                   help="tokens per sequence (default: eval-ppl's --protocol sets it, else "
+                        "the model's max sequence length)")
     p.add_argument("--micro-batch-size", type=int, default=1,
                    help="sequences per forward pass on one rank")
     p.add_argument("--N", type=int, default=2, help="N of the N:M pattern: weights kept per "

@@ -1,11 +1,14 @@
-"""Perplexity, one pinned protocol (``maskllm eval-ppl``), at any TP x PP x DP.
+"""Perplexity (``maskllm eval-ppl``), at any TP x PP x DP, under a named protocol
+(:mod:`maskllm_megatron.eval.protocols`: how the corpus becomes a token stream, the window length,
+the last window).
 
-The protocol: the test text is tokenised whole (one token stream, no BOS/EOS inserted), cut into
-non-overlapping windows of ``seq_length`` tokens, the last, shorter window kept. Each window is
-one forward pass; its tokens 1..L-1 are predicted from the tokens before them *in the same
-window*, so a window of L tokens contributes L-1 predictions. The reported loss is the mean
-negative log-likelihood over every predicted token of every window (not a mean of window means),
-and perplexity is its exponential. This is what Hugging Face's ``model(ids, labels=ids).loss``
+The scoring, the same under every protocol: the token stream is cut into non-overlapping windows
+of ``seq_length`` tokens (the default ``demo`` protocol keeps the last, shorter window; the
+literature protocols drop it). Each window is one forward pass; its tokens 1..L-1 are predicted
+from the tokens before them *in the same window*, so a window of L tokens contributes L-1
+predictions. The reported loss is the mean negative log-likelihood over every predicted token of
+every window (not a mean of window means; with whole windows only, the two are equal), and
+perplexity is its exponential. This is what Hugging Face's ``model(ids, labels=ids).loss``
 computes per window, summed with token weights.
 """
 
@@ -30,6 +33,14 @@ from maskllm_megatron.core.nm import NMPattern
 from maskllm_megatron.cpu_shims import cuda_literals
 from maskllm_megatron.data.tokenizer import load_tokenizer
 from maskllm_megatron.errors import InputError
+from maskllm_megatron.eval.protocols import (
+    Protocol,
+    describe,
+    get_protocol,
+    protocol_cut,
+    protocol_text,
+    protocol_tokens,
+)
 from maskllm_megatron.model.config import ModelConfig
 from maskllm_megatron.paths import require_path
 
@@ -124,15 +135,18 @@ def perplexity(model, tokens: torch.Tensor, seq_length: int, micro_batch_size: i
             "windows": len(all_windows)}
 
 
-def read_text_tokens(path: str | Path, tokenizer) -> torch.Tensor:
-    """The whole file as one token stream."""
-    text = Path(path).read_text(encoding="utf-8")
-    return torch.tensor(tokenizer.tokenize(text), dtype=torch.long)
+def read_text_tokens(path: str | Path, tokenizer,
+                     protocol: Protocol | None = None) -> tuple[torch.Tensor, bool]:
+    """The corpus as one token stream under ``protocol`` (default ``demo``: the whole file), and
+    whether a BOS starts it."""
+    protocol = protocol or get_protocol(None)
+    ids, bos = protocol_tokens(protocol_text(path, protocol), tokenizer, protocol)
+    return torch.tensor(ids, dtype=torch.long), bos
 
 
 @dataclass
 class PerplexityReport:
-    """Held-out perplexity of one checkpoint under the pinned protocol (module docstring)."""
+    """Held-out perplexity of one checkpoint under a named protocol (module docstring)."""
 
     checkpoint: Path
     masks: str  # how its masks were applied: hard (argmax of logits), fixed or dense
@@ -141,12 +155,17 @@ class PerplexityReport:
     tokens: int  # predicted tokens
     loss: float  # mean NLL per predicted token
     ppl: float
+    protocol: str = "demo"
+    bos: bool = False  # whether a BOS started the token stream
+    summary: str = ""  # what ran, in one line (protocols.describe)
 
 
 def evaluate_checkpoint(args, progress_label: str = "perplexity") -> PerplexityReport:
     """``maskllm eval-ppl`` in the running process group: load a dense, pruned or mask-learned
-    checkpoint at the asked TP x PP and measure the perplexity of ``args.text``;
-    ``progress_label`` is what its progress bar says."""
+    checkpoint at the asked TP x PP and measure the perplexity of ``args.text`` under
+    ``args.protocol`` (absent or None: ``demo``); ``progress_label`` is what its progress bar
+    says."""
+    protocol = get_protocol(getattr(args, "protocol", None))
     if args.masks not in MODES:
         raise InputError(f"--masks must be one of {', '.join(MODES)}")
     require_path(args.load, "checkpoint (--load)")
@@ -158,17 +177,25 @@ def evaluate_checkpoint(args, progress_label: str = "perplexity") -> PerplexityR
     path = model_dir(args.load)
     verify_model_files(args.model_config or args.load)
     cfg = ModelConfig.load(args.model_config or args.load)
-    seq_length = args.seq_length or cfg.max_sequence_length
+    seq_length = args.seq_length or protocol.seq_length or cfg.max_sequence_length
     if seq_length > cfg.max_sequence_length:
+        if not args.seq_length:
+            raise InputError(f"protocol {protocol.name} scores windows of {seq_length} tokens, "
+                             f"more than the model's max_sequence_length "
+                             f"{cfg.max_sequence_length}; give --seq-length to override it")
         raise InputError(f"--seq-length {seq_length} exceeds the model's "
                          f"max_sequence_length {cfg.max_sequence_length}; give at most that")
+    # the text first: a corpus too short for the protocol fails before the model loads
+    tokens, bos = read_text_tokens(args.text, load_tokenizer(args.tokenizer or cfg.tokenizer),
+                                   protocol)
+    tokens = tokens[:protocol_cut(len(tokens), seq_length, protocol)]
     model, applied, _ = load_sparse_model(
         path, cfg, NMPattern(args.N, args.M), args.masks,
         params_dtype=distributed.params_dtype(args, layout.device),
         sequence_parallel=args.sequence_parallel, transformer_impl=args.transformer_impl)
-    tokens = read_text_tokens(args.text, load_tokenizer(args.tokenizer or cfg.tokenizer))
     result = perplexity(model, tokens, seq_length, args.micro_batch_size,
                         progress=args.progress and layout.rank == 0,
                         true_vocab_size=cfg.true_vocab_size, progress_label=progress_label)
     return PerplexityReport(path, applied, seq_length, result["windows"], result["tokens"],
-                            result["loss"], result["ppl"])
+                            result["loss"], result["ppl"], protocol.name, bos,
+                            describe(protocol, seq_length, bos))
