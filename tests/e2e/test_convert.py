@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -178,25 +179,30 @@ def test_bad_conversions_are_clear_errors(tmp_path):
     hf_dir = tmp_path / "hf"
     hf_model("llama").save_pretrained(hf_dir)
     cfg = json.loads((hf_dir / "config.json").read_text())
+    cases = {"a": cfg, "b": dict(cfg, architectures=["BertModel"]),
+             "c": dict(cfg, intermediate_size=128)}
+    for name, config in cases.items():  # one HF directory per case, the weights shared
+        (tmp_path / f"hf-{name}").mkdir()
+        for f in hf_dir.iterdir():
+            (tmp_path / f"hf-{name}" / f.name).symlink_to(f)
+        (tmp_path / f"hf-{name}" / "config.json").unlink()
+        (tmp_path / f"hf-{name}" / "config.json").write_text(json.dumps(config))
+    extra = {"a": ["--tp", "4"], "b": [], "c": ["--no-progress"]}  # a: 2 KV groups
+    with ThreadPoolExecutor(len(cases)) as pool:  # three processes at once: most is start-up
+        procs = dict(zip(cases, pool.map(lambda n: _run(
+            ["convert", "hf-to-mcore", "--hf", str(tmp_path / f"hf-{n}"), "--out",
+             str(tmp_path / n), *extra[n]], check=False), cases), strict=True))
 
-    proc = _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "a"),
-                 "--tp", "4"], check=False)  # 2 KV groups
-    assert proc.returncode == 2 and "--tp 4 must divide" in proc.stderr
-    assert not (tmp_path / "a").exists()
-
-    (hf_dir / "config.json").write_text(json.dumps(dict(cfg, architectures=["BertModel"])))
-    proc = _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "b")],
-                check=False)
+    assert procs["a"].returncode == 2 and "--tp 4 must divide" in procs["a"].stderr
+    proc = procs["b"]
     assert proc.returncode == 2 and proc.stderr.startswith("error: maskllm convert hf-to-mcore: ")
     assert all(a in proc.stderr for a in ("LlamaForCausalLM", "NemotronForCausalLM",
                                           "GPT2LMHeadModel"))
-
-    (hf_dir / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=128)))
-    proc = _run(["convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "c"),
-                 "--no-progress"], check=False)
-    assert proc.returncode == 2 and not (tmp_path / "c").exists()
+    proc = procs["c"]
+    assert proc.returncode == 2
     assert "model.layers.0.mlp.gate_proj.weight [96, 64]" in proc.stderr
     assert "gives shape [192, 64]" in proc.stderr and "expects [256, 64]" in proc.stderr
+    assert not any((tmp_path / n).exists() for n in cases)
 
 
 SHARDED = """
