@@ -14,6 +14,7 @@ from maskllm_megatron.cli import (
     demo,
     eval_ppl,
     export,
+    import_masks,
     info,
     plan,
     prune,
@@ -31,7 +32,8 @@ from maskllm_megatron.cli.options import HelpFormatter
 from maskllm_megatron.cli.recipe import apply_recipe
 
 # In the order `maskllm --help` lists them.
-SUBCOMMANDS = (info, data, train, prune, eval_ppl, convert, trim, export, validate, plan, demo)
+SUBCOMMANDS = (info, data, train, prune, import_masks, eval_ppl, convert, trim, export, validate,
+               plan, demo)
 
 # Commands that build a model from a checkpoint: --load here or in the recipe.
 NEEDS_LOAD = ("prune", "eval-ppl")

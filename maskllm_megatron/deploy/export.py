@@ -413,9 +413,14 @@ def _write_hf_export(state, masks, mapping, hf, pattern, config_dir, tmp, progre
 
 
 def load_packed_masks(directory: str | Path) -> dict[str, torch.Tensor]:
-    """HF parameter name -> boolean mask (True = kept), from ``nm_masks.safetensors``."""
-    verify(directory, names=(MASKS_FILE,))
-    path = Path(directory) / MASKS_FILE
+    """HF parameter name -> boolean mask (True = kept), from ``nm_masks.safetensors``: in an
+    ``export hf`` directory, or the file itself (``import-masks`` takes either)."""
+    path = Path(directory)
+    if path.is_file():
+        directory = path.parent
+    else:
+        path = path / MASKS_FILE
+    verify(directory, names=(path.name,))
     masks = {}
     try:
         with safe_open(str(path), "pt") as f:

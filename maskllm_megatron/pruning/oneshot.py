@@ -261,6 +261,23 @@ def prune_model(model, forward_calibration, method: str, *, update: bool = False
 # ----------------------------------------------------------------------------- the command
 
 
+def save_pruned(model, cfg: ModelConfig, source: Path, out: Path) -> None:
+    """``OUT/pruned`` (weights times fixed masks) and ``OUT/masks`` (masks only, for ``train
+    --prior``), each with ``source``'s model files: what ``prune`` and ``import-masks`` write.
+    Both or neither: the masks are renamed into place first, the pruned model last."""
+    with atomic_directory(out / "pruned") as pruned, atomic_directory(out / "masks") as masks:
+        save_model(model, pruned)
+        save_model(model, masks, masks_only=True)
+
+        def describe() -> None:
+            for sub in (pruned, masks):
+                copy_model_files(source, sub)
+                cfg.save(sub)
+                seal(sub)
+
+        distributed.on_rank0(describe)
+
+
 def available_tokens(data_path: list[str]) -> int:
     """Tokens in the indexed datasets named by ``--data-path`` (blend weights ignored)."""
     prefixes, _ = parse_blend(data_path)
@@ -343,19 +360,7 @@ def prune_checkpoint(args, progress_label: str | None = None) -> PruneReport:
                          progress_label=progress_label)
     out = Path(args.save)
     source = Path(args.model_config or args.load)
-    source = source if source.is_dir() else source.parent
-    # both or neither: the masks are renamed into place first, the pruned model last
-    with atomic_directory(out / "pruned") as pruned, atomic_directory(out / "masks") as masks:
-        save_model(model, pruned)
-        save_model(model, masks, masks_only=True)
-
-        def describe() -> None:
-            for sub in (pruned, masks):
-                copy_model_files(source, sub)
-                cfg.save(sub)
-                seal(sub)
-
-        distributed.on_rank0(describe)
+    save_pruned(model, cfg, source if source.is_dir() else source.parent, out)
     kept = torch.stack([(layer.weight != 0).double().mean() for _, layer in sparse_layers(model)])
     rows = [(name, list(layer.weight.shape), share) for (name, layer), share in
             zip(sparse_layers(model), kept.tolist(), strict=True)]

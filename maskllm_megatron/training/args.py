@@ -87,7 +87,8 @@ class TrainArgs:
                                 "(gradients through the soft ones)")
     prior_strength: float = _flag(3.0, "logit bias towards the --prior mask (the paper: 3)")
     prior: str | None = _flag(None, "checkpoint whose masks (e.g. SparseGPT's, from maskllm "
-                              "prune) initialise the logits (default: none, uniform logits)")
+                              "prune, or published ones, from maskllm import-masks: SAVE/masks) "
+                              "initialise the logits (default: none, uniform logits)")
     weight_reg: float = _flag(1e-5, "weight lambda of the sparse-weight regulariser, "
                               "subtracted from the LM loss as in MaskLLM: loss = LM - lambda * "
                               "(1 - t/T) * sum((W * mask)^2), rewarding masks that keep large "

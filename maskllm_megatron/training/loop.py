@@ -125,6 +125,10 @@ def _check_inputs(args: TrainArgs) -> None:
                        (args.tokenizer, "tokenizer (--tokenizer)")):
         if path:
             require_path(path, what)
+    if args.prior and Path(args.prior).is_file():  # a mask file: a checkpoint is needed
+        raise InputError(f"--prior {args.prior} is a file; --prior takes a checkpoint directory. "
+                         f"Import the masks first: maskllm import-masks {args.prior} --load "
+                         "CKPT --save OUT, then give --prior OUT/masks")
     if not args.data_path:
         raise InputError("give --data-path: indexed datasets written by `maskllm preprocess`")
     for prefix in parse_blend(args.data_path)[0]:
