@@ -119,7 +119,7 @@ COMMANDS = {
         "export", "trtllm", "--load", ck, "--out", out, "--no-progress"]),
     "eval-ppl": ("pruned/pruned", ".", lambda c, ck, out: [
         "eval-ppl", "--load", ck, "--text", str(c / "text.txt"), "--seq-length", "32",
-        "--no-progress"]),
+        "--tokenizer", str(c / "spm.model"), "--no-progress"]),  # the text is read first
     "prune --load": ("pruned/pruned", ".", lambda c, ck, out: [
         "prune", "--load", ck, "--save", out, "--method", "magnitude", "--no-progress"]),
     "convert mcore-to-hf": ("pruned/pruned", ".", lambda c, ck, out: [
