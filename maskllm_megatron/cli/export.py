@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import typing
 
-from maskllm_megatron.cli.options import HelpFormatter
+from maskllm_megatron.cli.options import HelpFormatter, add_pattern_arguments
 
 
 def add_parsers(sub: typing.Any) -> None:
@@ -24,8 +24,7 @@ def add_parsers(sub: typing.Any) -> None:
         p.add_argument("--load", required=True,
                        help="trimmed, pruned or training checkpoint (required)")
         p.add_argument("--out", required=True, help="output directory (required)")
-        p.add_argument("--N", type=int, default=2, help="N of the N:M pattern: weights kept")
-        p.add_argument("--M", type=int, default=4, help="M of the N:M pattern: group size")
+        add_pattern_arguments(p)
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="progress bar")
     exp.set_defaults(func=run)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import typing
 
-from maskllm_megatron.cli.options import HelpFormatter
+from maskllm_megatron.cli.options import HelpFormatter, add_pattern_arguments
 
 
 def add_parsers(sub: typing.Any) -> None:
@@ -21,8 +21,7 @@ def add_parsers(sub: typing.Any) -> None:
                      "(required)")
     imp.add_argument("--save", required=True, help="writes SAVE/pruned (weights x masks) and "
                      "SAVE/masks (for train --prior), as `maskllm prune` does (required)")
-    imp.add_argument("--N", type=int, default=2, help="N of the N:M pattern: weights kept")
-    imp.add_argument("--M", type=int, default=4, help="M of the N:M pattern: group size")
+    add_pattern_arguments(imp)
     imp.set_defaults(func=run)
 
 

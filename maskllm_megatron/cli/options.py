@@ -27,6 +27,13 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
         dtype.add_argument(f"--{name}", action="store_true", help=f"frozen weights in {name}")
 
 
+def add_pattern_arguments(p: argparse.ArgumentParser) -> None:
+    """--N/--M: the N:M pattern, the same flags in every command that reads or writes masks."""
+    p.add_argument("--N", type=int, default=2, help="N of the N:M pattern: weights kept per "
+                   "group")
+    p.add_argument("--M", type=int, default=4, help="M of the N:M pattern: group size")
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that build a model from a checkpoint."""
     p.add_argument("--config", help="a recipe YAML whose keys (flag names) fill the flags not "
@@ -47,9 +54,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "the model's max sequence length)")
     p.add_argument("--micro-batch-size", type=int, default=1,
                    help="sequences per forward pass on one rank")
-    p.add_argument("--N", type=int, default=2, help="N of the N:M pattern: weights kept per "
-                   "group")
-    p.add_argument("--M", type=int, default=4, help="M of the N:M pattern: group size")
+    add_pattern_arguments(p)
     p.add_argument("--seed", type=int, default=1234, help="seed of data order and sampling")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="progress bar on rank 0")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import typing
 
-from maskllm_megatron.cli.options import HelpFormatter
+from maskllm_megatron.cli.options import HelpFormatter, add_pattern_arguments
 
 
 def add_parsers(sub: typing.Any) -> None:
@@ -13,8 +13,7 @@ def add_parsers(sub: typing.Any) -> None:
                          "optimizer state", formatter_class=HelpFormatter)
     trm.add_argument("checkpoint", help="a run directory, iter_N or model checkpoint")
     trm.add_argument("--out", required=True, help="output directory (required)")
-    trm.add_argument("--N", type=int, default=2, help="N of the N:M pattern: weights kept")
-    trm.add_argument("--M", type=int, default=4, help="M of the N:M pattern: group size")
+    add_pattern_arguments(trm)
     trm.set_defaults(func=run)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import typing
 
-from maskllm_megatron.cli.options import HelpFormatter
+from maskllm_megatron.cli.options import HelpFormatter, add_pattern_arguments
 
 
 def add_parsers(sub: typing.Any) -> None:
@@ -15,8 +15,7 @@ def add_parsers(sub: typing.Any) -> None:
     vtrt = what.add_parser("trtllm", help="every check of a TensorRT-LLM 2:4 checkpoint",
                            formatter_class=HelpFormatter)
     vtrt.add_argument("directory", help="the exported checkpoint directory")
-    vtrt.add_argument("--N", type=int, default=2, help="N of the N:M pattern: weights kept")
-    vtrt.add_argument("--M", type=int, default=4, help="M of the N:M pattern: group size")
+    add_pattern_arguments(vtrt)
     val.set_defaults(func=run)
 
 

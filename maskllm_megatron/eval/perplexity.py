@@ -141,7 +141,9 @@ def read_text_tokens(path: str | Path, tokenizer,
     whether a BOS starts it."""
     protocol = protocol or get_protocol(None)
     ids, bos = protocol_tokens(protocol_text(path, protocol), tokenizer, protocol)
-    return torch.tensor(ids, dtype=torch.long), bos
+    # host memory on purpose: a corpus can be large; perplexity() moves each window's batch to
+    # the rank's device as it scores it
+    return torch.tensor(ids, dtype=torch.long, device="cpu"), bos
 
 
 @dataclass
