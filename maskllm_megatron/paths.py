@@ -128,6 +128,23 @@ def removed_on_failure(directory: str | Path | None, done=lambda: False) -> Iter
         raise
 
 
+def write_file_atomically(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` (UTF-8) under a temporary sibling and rename it into place,
+    so a reader never sees half a file and a failed write leaves the old one; called on one
+    rank (``distributed.on_rank0``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; give a file name for the output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def require_path(path: str | Path | None, what: str) -> Path:
     """``path`` as a Path; a missing one is a :class:`FileNotFoundError` naming it and what it
     should have been (the CLI prints it as a user error), before anything is built."""

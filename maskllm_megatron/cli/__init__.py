@@ -13,6 +13,7 @@ from maskllm_megatron.cli import (
     data,
     demo,
     eval_ppl,
+    eval_tasks,
     export,
     import_masks,
     info,
@@ -32,11 +33,11 @@ from maskllm_megatron.cli.options import HelpFormatter
 from maskllm_megatron.cli.recipe import apply_recipe
 
 # In the order `maskllm --help` lists them.
-SUBCOMMANDS = (info, data, train, prune, import_masks, eval_ppl, convert, trim, export, validate,
-               plan, demo)
+SUBCOMMANDS = (info, data, train, prune, import_masks, eval_ppl, eval_tasks, convert, trim, export,
+               validate, plan, demo)
 
 # Commands that build a model from a checkpoint: --load here or in the recipe.
-NEEDS_LOAD = ("prune", "eval-ppl")
+NEEDS_LOAD = ("prune", "eval-ppl", "eval-tasks")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,33 +55,32 @@ def windows(tokens: torch.Tensor, seq_length: int) -> list[torch.Tensor]:
     return [w for w in out if len(w) >= 2]
 
 
-def _window_nll(model, batch: torch.Tensor, predicted: torch.Tensor,
-                true_vocab: int | None) -> torch.Tensor:
-    """Sum of NLL over the predicted positions (``predicted``, [b, L] 0/1) of a [b, L] batch of
-    windows; a float64 scalar on the device (zero off the last stage).
+def mask_padded_vocab(logits: torch.Tensor, true_vocab: int | None) -> torch.Tensor:
+    """``logits`` ([..., vocab / TP], this TP rank's slice) with the padded vocabulary rows
+    (``true_vocab`` and above) at -inf: a converted model's padding rows are zero, and would
+    otherwise take probability mass (and could win an argmax)."""
+    if true_vocab is None:
+        return logits
+    width = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * width
+    padded = torch.arange(start, start + width, device=logits.device) >= true_vocab
+    return logits.masked_fill(padded, float("-inf"))
 
-    Logits of padded vocabulary rows (``true_vocab`` and above) are excluded from the softmax:
-    a converted model's padding rows are zero, and would otherwise take probability mass."""
+
+def forward_logits(model, batch: torch.Tensor, on_logits) -> None:
+    """One forward-only pass of a [b, L] token batch through megatron's schedule (any PP);
+    ``on_logits(logits)`` gets the float32 vocab-parallel logits [b, L, vocab / TP] on the last
+    stage (it is not called elsewhere). Causal attention: right padding changes no position
+    before it."""
     b, length = batch.shape
-    labels = torch.zeros_like(batch)
-    labels[:, :-1] = batch[:, 1:]
     positions = torch.arange(length, device=batch.device).expand(b, length)
-    total = torch.zeros((), dtype=torch.float64, device=batch.device)
 
     def forward_step(data_iterator, model):
         output = model(batch, positions, None)  # [b, L, vocab / TP] on the last stage
 
         def loss_func(logits):
-            nonlocal total
-            logits = logits.float()
-            if true_vocab is not None:
-                width = logits.shape[-1]
-                start = ps.get_tensor_model_parallel_rank() * width
-                padded = torch.arange(start, start + width, device=logits.device) >= true_vocab
-                logits = logits.masked_fill(padded, float("-inf"))
-            nll = vocab_parallel_cross_entropy(logits, labels)
-            total = (nll.double() * predicted).sum()
-            return total.float(), {}
+            on_logits(logits.float())
+            return torch.zeros((), device=batch.device), {}
 
         return output, loss_func
 
@@ -89,6 +88,22 @@ def _window_nll(model, batch: torch.Tensor, predicted: torch.Tensor,
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=None,
                                     model=[model], num_microbatches=1, seq_length=length,
                                     micro_batch_size=b, forward_only=True)
+
+
+def _window_nll(model, batch: torch.Tensor, predicted: torch.Tensor,
+                true_vocab: int | None) -> torch.Tensor:
+    """Sum of NLL over the predicted positions (``predicted``, [b, L] 0/1) of a [b, L] batch of
+    windows; a float64 scalar on the device (zero off the last stage)."""
+    labels = torch.zeros_like(batch)
+    labels[:, :-1] = batch[:, 1:]
+    total = torch.zeros((), dtype=torch.float64, device=batch.device)
+
+    def on_logits(logits):
+        nonlocal total
+        nll = vocab_parallel_cross_entropy(mask_padded_vocab(logits, true_vocab), labels)
+        total = (nll.double() * predicted).sum()
+
+    forward_logits(model, batch, on_logits)
     return total
 
 

@@ -1,0 +1,199 @@
+"""``maskllm eval-tasks``: our lm-eval adapter on a converted tiny LLaMA gives what lm-eval's own
+``hf`` model gives on the same weights (float32): the same acc and acc_norm on a shipped
+multiple-choice task, per-item log-likelihoods equal within 1e-4, the same rolling
+log-likelihoods and greedy generations; at TP=1 in this process, at TP=2 x DP=2 and TP=2 x PP=2
+on the session's four gloo ranks. The CLI runs in this process (no start-up cost), as in
+test_ppl_protocols. Skipped only when lm_eval (the [eval] extra) is not installed.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from maskllm_megatron.cli import main  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "lmeval_tasks"
+WORDS = "the cat sat on a mat dog ran far away and then slept under old tree".split()
+TOL = 1e-4
+ROLLING = ["the cat sat on the mat and then the dog ran far away under the old tree " * 3,
+           "old tree"]
+
+
+def _tokenizer(directory: Path) -> None:
+    """A byte-level BPE that adds BOS, as LLaMA's tokenizers do (vocab within the model's 300)."""
+    import random
+
+    import tokenizers
+    import transformers as tf
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200)]
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 0)])
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                               pad_token="</s>").save_pretrained(directory)
+
+
+def task_dir(root: Path) -> Path:
+    """The shipped task, its YAML naming the JSONL by absolute path."""
+    out = root / "tasks"
+    out.mkdir(exist_ok=True)
+    text = (DATA / "tiny_mc.yaml").read_text()
+    (out / "tiny_mc.yaml").write_text(
+        text.replace("validation: tiny_mc.jsonl", f"validation: {DATA / 'tiny_mc.jsonl'}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny HF LLaMA with its tokenizer, converted; the task; lm-eval's ``hf`` results."""
+    from test_convert import hf_model
+
+    root = tmp_path_factory.mktemp("lmeval")
+    hf_model("llama").save_pretrained(root / "hf")
+    _tokenizer(root / "hf")
+    assert main(["convert", "hf-to-mcore", "--hf", str(root / "hf"), "--out", str(root / "m"),
+                 "--no-progress"]) == 0
+    tasks = task_dir(root)
+    return root, tasks, reference(root, tasks)
+
+
+def _instances(kind, args):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def requests():
+    """Direct requests beyond the task: an empty context (BOS conditions it), a trailing space
+    (moved to the continuation), rolling texts longer than a window, a greedy generation."""
+    ll = [("", " the cat sat"), ("the dog ", "ran far"), ("Question: what is old\nAnswer:",
+                                                          " the tree")]
+    gen = [("the cat sat on", {"until": ["\n"], "max_gen_toks": 6})]
+    return (_instances("loglikelihood", ll), _instances("loglikelihood_rolling",
+                                                         [(t,) for t in ROLLING]),
+            _instances("generate_until", gen))
+
+
+def answers(lm, tasks: Path) -> dict:
+    """What a test compares: the task's metrics and per-item log-likelihoods, and the direct
+    requests' answers."""
+    from maskllm_megatron.eval.tasks import run_tasks
+
+    results = run_tasks(lm, ["tiny_mc"], include_path=tasks, log_samples=True)
+    task = results["results"]["tiny_mc"]
+    samples = sorted(results["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+    ll, rolling, gen = requests()
+    lm._max_length, saved = 24, lm.max_length  # rolling windows of 24 tokens: several per text
+    try:
+        rolled = lm.loglikelihood_rolling(rolling)
+    finally:
+        lm._max_length = saved
+    return {"acc": task["acc,none"], "acc_norm": task["acc_norm,none"],
+            "items": [[r[0][0] for r in s["resps"]] for s in samples],
+            "greedy": [[r[0][1] for r in s["resps"]] for s in samples],
+            "ll": lm.loglikelihood(ll), "rolling": rolled, "gen": lm.generate_until(gen)}
+
+
+def reference(root: Path, tasks: Path) -> dict:
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(root / "hf"), device="cpu", dtype="float32", batch_size=4)
+    return answers(lm, tasks)
+
+
+def ours(root: Path, tasks: Path, batch_size: int = 4) -> dict:
+    """Our adapter on the converted checkpoint, in the running process group."""
+    from maskllm_megatron import distributed
+    from maskllm_megatron.checkpoint.model import load_sparse_model
+    from maskllm_megatron.core.nm import NMPattern
+    from maskllm_megatron.eval.lm_eval_adapter import MegatronLM, load_lm_tokenizer
+    from maskllm_megatron.model.config import ModelConfig
+
+    cfg = ModelConfig.load(root / "m")
+    model, _, _ = load_sparse_model(root / "m", cfg, NMPattern(2, 4),
+                                    params_dtype=torch.float32)
+    lm = MegatronLM(model, load_lm_tokenizer(cfg.tokenizer), cfg.max_sequence_length,
+                    batch_size=batch_size, true_vocab_size=cfg.true_vocab_size)
+    out = answers(lm, tasks)
+    out["layout"] = distributed.current_layout()
+    return out
+
+
+def _agree(got: dict, want: dict) -> None:
+    assert got["acc"] == want["acc"] and got["acc_norm"] == want["acc_norm"]
+    assert len(got["items"]) == len(want["items"]) == 12
+    for g, w in zip(got["items"], want["items"], strict=True):
+        assert g == pytest.approx(w, abs=TOL)
+    assert got["greedy"] == want["greedy"]
+    assert [x[0] for x in got["ll"]] == pytest.approx([x[0] for x in want["ll"]], abs=TOL)
+    assert [x[1] for x in got["ll"]] == [x[1] for x in want["ll"]]
+    assert got["rolling"] == pytest.approx(want["rolling"], abs=TOL)
+    assert got["gen"] == want["gen"]
+
+
+def test_tp1_equals_lm_evals_hf_model(setup):
+    from maskllm_megatron import distributed
+    from maskllm_megatron.cpu_shims import cpu_shims
+
+    root, tasks, want = setup
+    try:
+        with cpu_shims():
+            distributed.init_distributed(1, 1, device="cpu")
+            got = ours(root, tasks, batch_size=3)  # another batching than the reference's
+    finally:
+        distributed.shutdown()
+    _agree(got, want)
+
+
+def case_ours(root, tasks):
+    return ours(root, tasks)
+
+
+def test_tp2_dp2_and_tp2_pp2_equal_lm_evals_hf_model(setup, dist4):
+    root, tasks, want = setup
+    for tp, pp in ((2, 1), (2, 2)):
+        values = dist4.run(case_ours, root, tasks, tp=tp, pp=pp)
+        assert {v["layout"].dp for v in values} == {4 // (tp * pp)}
+        for got in values:  # every rank returns the same results
+            _agree(got, want)
+
+
+def test_cli_writes_lm_evals_results_and_table(setup, tmp_path, capsys):
+    root, tasks, want = setup
+    out = tmp_path / "res" / "tiny.json"
+    assert main(["eval-tasks", "--load", str(root / "m"), "--tasks", "tiny_mc",
+                 "--include-path", str(tasks), "--output", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert results["results"]["tiny_mc"]["acc,none"] == want["acc"]
+    assert results["results"]["tiny_mc"]["acc_norm,none"] == want["acc_norm"]
+    assert results["n-shot"] == {"tiny_mc": 0} and "samples" not in results
+    assert results["config"]["masks"] == "dense"
+    assert "|tiny_mc|" in printed.replace(" ", "") and "acc_norm" in printed
+
+
+def test_missing_task_data_and_unknown_task_are_one_line_errors(setup, tmp_path, capsys):
+    root, tasks, _ = setup
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tiny_mc.yaml").write_text((tasks / "tiny_mc.yaml").read_text().replace(
+        str(DATA / "tiny_mc.jsonl"), str(tmp_path / "absent.jsonl")))
+    for tasks_arg, include, said in (("tiny_mc", broken, "task 'tiny_mc': its data is not "
+                                      "available offline"),
+                                     ("no_such_task", tasks, "task 'no_such_task' is not one")):
+        code = main(["eval-tasks", "--load", str(root / "m"), "--tasks", tasks_arg,
+                     "--include-path", str(include), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and said in err, err
