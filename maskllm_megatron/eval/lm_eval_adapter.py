@@ -168,10 +168,12 @@ class MegatronLM(TemplateLM):
         return (ps.get_tensor_model_parallel_world_size()
                 if self.model.config.sequence_parallel else 1)
 
-    def _score(self, rows: list[list[int]], spans: list[tuple[int, int]]) -> list[tuple[float, bool]]:
-        """For each row of input tokens (the sequence minus its last token) and its scored
-        span ``(start, targets)``... see :meth:`_loglikelihood_tokens`: the summed log-prob of
-        the span's targets and whether greedy decoding gives them all. Same on every rank."""
+    def _score(self, rows: list[list[int]],
+               spans: list[tuple[int, list[int]]]) -> list[tuple[float, bool]]:
+        """One forward pass of ``rows`` (input tokens, right-padded together); for each row's
+        span ``(start, targets)``, targets[k] being the token after position start + k: the
+        summed log-prob of the targets and whether greedy decoding gives them all. The same
+        on every rank."""
         length = max(len(r) for r in rows)
         multiple = self._pad_multiple()
         length = -(-length // multiple) * multiple
@@ -197,6 +199,11 @@ class MegatronLM(TemplateLM):
         if ps.get_pipeline_model_parallel_world_size() > 1:  # the last stage's numbers to all
             dist.all_reduce(out, group=ps.get_pipeline_model_parallel_group())
         return [(s, bool(g)) for s, g in out.tolist()]
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """TemplateLM's (tokenise as HFLM, then :meth:`_loglikelihood_tokens`), its tokenising
+        bar shown only where ours is."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
                               **kwargs) -> list[tuple[float, bool]]:

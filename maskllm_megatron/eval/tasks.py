@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch.distributed as dist
+
 from maskllm_megatron import distributed
 from maskllm_megatron.checkpoint.integrity import verify_model_files
 from maskllm_megatron.checkpoint.model import load_sparse_model
@@ -27,6 +29,11 @@ from maskllm_megatron.paths import require_path, write_file_atomically
 
 PAPER_TASKS = ("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "openbookqa",
                "race")
+# where lm-eval 0.4.13 keeps them: indexing only these folders takes a second, lm-eval's whole
+# task tree (thousands of YAMLs) a minute or more on a small machine
+PAPER_TASK_DIRS = {"hellaswag": "hellaswag", "piqa": "piqa", "winogrande": "winogrande",
+                   "arc_easy": "arc", "arc_challenge": "arc", "openbookqa": "openbookqa",
+                   "race": "race"}
 INSTALL = 'pip install "maskllm_megatron[eval]"'
 OFFLINE = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 DATA_HELP = ("give its data locally: run once where the Hugging Face hub is reachable so the "
@@ -37,14 +44,21 @@ DATA_HELP = ("give its data locally: run once where the Hugging Face hub is reac
 
 def require_lm_eval():
     """lm_eval, imported offline; a clear error naming the extra when it is not installed."""
-    for name in OFFLINE:  # read by datasets and huggingface_hub when they are imported
-        os.environ.setdefault(name, "1")
+    unset = [name for name in OFFLINE if name not in os.environ]
+    for name in unset:
+        os.environ[name] = "1"
     try:
         import lm_eval
         import lm_eval.evaluator  # noqa: F401 - the part that runs tasks
     except ImportError as err:
         raise InputError(f"eval-tasks needs lm-evaluation-harness, which is not installed "
                          f"({err}): {INSTALL}") from err
+    if unset:  # they read the variables when first imported, maybe before this call
+        import datasets.config
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     return lm_eval
 
 
@@ -66,32 +80,76 @@ def _top_level(loaded: dict) -> list:
     return groups + [t for name, t in loaded["tasks"].items() if name not in grouped]
 
 
-def load_tasks(names: list[str], include_path: str | Path | None = None):
-    """(the TaskManager, the built tasks), each name loaded on its own so a task whose data is
-    missing or a name lm-eval does not know is an error naming it."""
-    require_lm_eval()
-    import datasets
+def _managers(names: list[str], include_path: str | Path | None):
+    """TaskManagers to try in turn, each with whether it is the last: first one that indexes
+    only ``include_path`` and the folders of the paper's tasks among ``names`` (fast), then
+    lm-eval's whole task tree with ``include_path``."""
+    import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 
+    builtin = Path(lm_eval.tasks.__file__).parent
+    folders = dict.fromkeys(str(builtin / PAPER_TASK_DIRS[n]) for n in names
+                            if n in PAPER_TASK_DIRS and (builtin / PAPER_TASK_DIRS[n]).is_dir())
+    few = [*folders, *([str(include_path)] if include_path else [])]  # later ones win
+    if few:
+        manager = TaskManager(include_path=few, include_defaults=False)
+        if all(n in manager.all_tasks for n in names):
+            yield manager, False
+    yield TaskManager(include_path=str(include_path) if include_path else None), True
+
+
+def load_tasks(names: list[str], include_path: str | Path | None = None):
+    """(the TaskManager, the built tasks), each name loaded on its own so a task whose data is
+    missing or a name lm-eval does not know is an error naming it. In a process group rank 0
+    loads first (the one writer of a datasets cache being built), then the others; its error
+    is raised on every rank."""
+    require_lm_eval()
     if include_path is not None:
         require_path(include_path, "task folder (--include-path)")
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
-    built = []
-    for name in names:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return _load_all(names, include_path)
+    box: list = [None]
+    if dist.get_rank() == 0:
         try:
-            loaded = manager.load([name])
-        except KeyError as err:
-            raise InputError(f"task {name!r} is not one lm-eval knows"
-                             + (f" nor one in --include-path {include_path}" if include_path
-                                else "") + "; give task names as `lm-eval ls tasks` lists them, "
-                             "or a folder of task YAMLs as --include-path") from err
-        except (ConnectionError, FileNotFoundError,
-                datasets.exceptions.DatasetNotFoundError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"task {name!r}: its data is not available offline ({first}); "
-                             + DATA_HELP) from err
-        built += _top_level(loaded)
-    return manager, built
+            loaded = _load_all(names, include_path)
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            box[0] = err
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise box[0]
+    return loaded if dist.get_rank() == 0 else _load_all(names, include_path)
+
+
+def _load_all(names: list[str], include_path: str | Path | None):
+    for manager, last in _managers(names, include_path):
+        try:
+            return manager, [obj for name in names for obj in _load(manager, name)]
+        except KeyError as err:  # a name (or a group's task) the fast index lacks
+            if last:
+                name = err.args[0] if err.args else names
+                raise InputError(
+                    f"task {name} is not one lm-eval knows"
+                    + (f" nor one in --include-path {include_path}" if include_path else "")
+                    + "; give task names as `lm-eval ls tasks` lists them, or a folder of "
+                    "task YAMLs as --include-path") from err
+    raise AssertionError("unreachable: the last manager returns or raises")
+
+
+def _load(manager, name: str) -> list:
+    """The objects ``name`` builds; its data missing offline is an InputError naming it, an
+    unknown name a KeyError (naming it)."""
+    import datasets
+
+    try:
+        loaded = manager.load([name])
+    except KeyError as err:
+        raise KeyError(repr(name)) from err
+    except (ConnectionError, FileNotFoundError,
+            datasets.exceptions.DatasetNotFoundError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"task {name!r}: its data is not available offline ({first}); "
+                         + DATA_HELP) from err
+    return _top_level(loaded)
 
 
 @dataclass
@@ -133,8 +191,6 @@ def run_tasks(lm, names: list[str], *, include_path: str | Path | None = None,
         log_samples=log_samples, bootstrap_iters=bootstrap_iters, random_seed=seed,
         numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     box = [_json_ready(results) if results is not None else None]
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)  # rank 0 holds them (lm-eval's DP rank 0)
     return box[0]
