@@ -33,6 +33,9 @@ setup(
         # triton runs the fused kernel's tests on CPU (TRITON_INTERPRET=1); GPU images ship it
         "dev": ["pytest>=8", "pytest-timeout", "ruff", "triton"],
         "hf": ["transformers"],
+        # maskllm eval-tasks: lm-evaluation-harness with what its hf model needs (datasets,
+        # accelerate, ...); pinned, as the adapter follows its HFLM's tokenisation exactly
+        "eval": ["lm_eval[hf]==0.4.13"],
     },
     entry_points={"console_scripts": ["maskllm = maskllm_megatron.cli:main"]},
 )

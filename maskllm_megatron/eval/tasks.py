@@ -176,12 +176,13 @@ def _json_ready(results: dict) -> dict:
 
 def run_tasks(lm, names: list[str], *, include_path: str | Path | None = None,
               num_fewshot: int | None = 0, limit: int | float | None = None,
-              seed: int = 1234, log_samples: bool = False, bootstrap_iters: int = 0,
+              seed: int = 1234, log_samples: bool = False, bootstrap_iters: int = 100000,
               loaded: tuple | None = None) -> dict:
     """lm-eval's ``simple_evaluate`` on ``lm`` (any ``LM``, also ours in a process group: every
     rank calls this) for the named tasks; the results dict (lm-eval's format, per-item
     ``samples`` only with ``log_samples``) on every rank. ``num_fewshot=None``: each task's
-    own default. ``bootstrap_iters``: lm-eval's stderr resampling (0: none, the fast default).
+    own default. ``bootstrap_iters``: lm-eval's stderr resampling (its default; acc and
+    acc_norm are means, whose stderr is closed-form; 0: no stderr).
     ``loaded``: what :func:`load_tasks` returned for these names, if it already ran."""
     from lm_eval import evaluator
 
@@ -189,7 +190,8 @@ def run_tasks(lm, names: list[str], *, include_path: str | Path | None = None,
     results = evaluator.simple_evaluate(
         model=lm, tasks=built, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
         log_samples=log_samples, bootstrap_iters=bootstrap_iters, random_seed=seed,
-        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        batch_size=getattr(lm, "batch_size", None), device=str(getattr(lm, "device", None)))
     box = [_json_ready(results) if results is not None else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)  # rank 0 holds them (lm-eval's DP rank 0)
