@@ -39,19 +39,26 @@ class SentencePieceTokenizer:
         self.bos_token_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_token_id = self.sp.eos_id()
         self.pad_token_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else None
-        self.bos_token = self.sp.id_to_piece(self.bos_token_id) if self.bos_token_id else None
+        self.bos_token = (self.sp.id_to_piece(self.bos_token_id)
+                          if self.bos_token_id is not None else None)
         self.eos_token = self.sp.id_to_piece(self.eos_token_id)
         self.pad_token = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.sp.encode(text, add_bos=add_special_tokens and self.bos_token_id is not None)
 
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """As Hugging Face's decode: special tokens as their pieces unless skipped."""
         ids = [ids] if isinstance(ids, int) else list(ids)
-        if not skip_special_tokens:
-            return "".join(self.sp.id_to_piece(i) if self.sp.is_control(i) else self.sp.decode([i])
-                           for i in ids)
-        return self.sp.decode(ids)
+        out, run = [], []
+        for i in ids:
+            if self.sp.is_control(i):
+                out.append(self.sp.decode(run))
+                run = []
+                out.append("" if skip_special_tokens else self.sp.id_to_piece(i))
+            else:
+                run.append(i)
+        return "".join(out) + self.sp.decode(run)
 
 
 def load_lm_tokenizer(path: str | Path | None):

@@ -205,3 +205,24 @@ def test_missing_task_data_and_unknown_task_are_one_line_errors(setup, tmp_path,
                      "--include-path", str(include), "--no-progress"])
         err = capsys.readouterr().err
         assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_sentencepiece_tokenizer_adds_one_bos_and_decodes_as_hugging_face(tmp_path):
+    """A checkpoint trained here carries a SentencePiece model: BOS first (once, also when the
+    text starts with it), special tokens decoded as Hugging Face decodes them."""
+    import sentencepiece as spm
+
+    from maskllm_megatron.eval.lm_eval_adapter import MegatronLM, load_lm_tokenizer
+
+    (tmp_path / "t.txt").write_text("\n".join(" ".join(WORDS[i:] + WORDS[:i]) for i in range(16)))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "t.txt"), model_prefix=str(tmp_path / "s"),
+                                   vocab_size=60, model_type="bpe", bos_id=1, eos_id=2, unk_id=0,
+                                   pad_id=-1, minloglevel=2)
+    tok = load_lm_tokenizer(tmp_path / "s.model")
+    lm = MegatronLM.__new__(MegatronLM)  # tokenising needs no model
+    lm.tokenizer, lm.add_bos_token = tok, None
+    ids = lm.tok_encode("the cat sat")
+    assert ids[0] == lm.prefix_token_id == 1 and ids.count(1) == 1
+    assert lm.tok_encode("<s>the cat sat") == tok.sp.encode("<s>the cat sat")  # no second BOS
+    assert tok.decode(ids) == "<s>the cat sat" and lm.tok_decode(ids) == "the cat sat"
+    assert tok.decode(2) == "</s>" and lm.eot_token_id == 2
