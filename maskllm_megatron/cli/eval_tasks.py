@@ -35,6 +35,9 @@ def add_parsers(sub: typing.Any) -> None:
                             "checks only (default: all)")
     tasks.add_argument("--output", metavar="FILE.json",
                        help="write lm-eval's result JSON here (default: only the table)")
+    tasks.add_argument("--log-samples", action="store_true",
+                       help="also put lm-eval's per-document samples (requests, "
+                            "log-likelihoods, metrics) in --output, under \"samples\"")
     tasks.add_argument("--masks", default="auto", choices=["auto", "dense"],
                        help="auto: the checkpoint's masks (argmax of logits, or fixed); dense: "
                             "ignore them")

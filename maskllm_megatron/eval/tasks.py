@@ -159,7 +159,7 @@ class TasksReport:
     checkpoint: Path
     masks: str  # how its masks were applied: hard (argmax of logits), fixed or dense
     tasks: list[str]
-    results: dict = field(repr=False)  # simple_evaluate's dict, samples left out
+    results: dict = field(repr=False)  # simple_evaluate's dict (samples only if asked for)
     table: str = field(default="", repr=False)  # lm-eval's make_table (and groups) of it
 
     def metric(self, task: str, name: str = "acc") -> float:
@@ -211,12 +211,16 @@ def format_table(results: dict) -> str:
 def evaluate_checkpoint(args) -> TasksReport:
     """``maskllm eval-tasks`` in the running process group: load a dense, pruned or
     mask-learned checkpoint at the asked TP x PP (masks applied as eval-ppl applies them) and
-    run ``args.tasks`` through lm-eval; writes ``args.output`` (lm-eval's result JSON) once."""
+    run ``args.tasks`` through lm-eval; writes ``args.output`` (lm-eval's result JSON, with
+    its per-document ``samples`` when ``args.log_samples``) once."""
     names = parse_tasks(args.tasks)
     if args.masks not in MODES:
         raise InputError(f"--masks must be one of {', '.join(MODES)}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise InputError(f"--num-fewshot must be 0 or more, not {args.num_fewshot}")
+    log_samples = getattr(args, "log_samples", False)
+    if log_samples and not args.output:
+        raise InputError("--log-samples puts the samples in --output: give --output FILE.json")
     if args.limit is not None and args.limit <= 0:
         raise InputError(f"--limit must be positive, not {args.limit}")
     require_path(args.load, "checkpoint (--load)")
@@ -249,7 +253,7 @@ def evaluate_checkpoint(args) -> TasksReport:
                     progress=args.progress and layout.rank == 0, model_info=info)
     results = run_tasks(lm, names, include_path=args.include_path,
                         num_fewshot=args.num_fewshot, limit=args.limit, seed=args.seed,
-                        loaded=loaded)
+                        log_samples=log_samples, loaded=loaded)
     if args.output:
         text = json.dumps(results, indent=2, ensure_ascii=False)
         distributed.on_rank0(lambda: write_file_atomically(args.output, text))

@@ -61,6 +61,7 @@ def setup(tmp_path_factory):
     from test_convert import hf_model
 
     root = tmp_path_factory.mktemp("lmeval")
+    torch.manual_seed(0)  # the same tiny model whichever test builds it first
     hf_model("llama").save_pretrained(root / "hf")
     _tokenizer(root / "hf")
     assert main(["convert", "hf-to-mcore", "--hf", str(root / "hf"), "--out", str(root / "m"),
@@ -170,17 +171,35 @@ def test_tp2_dp2_and_tp2_pp2_equal_lm_evals_hf_model(setup, dist4):
             _agree(got, want)
 
 
-def test_cli_writes_lm_evals_results_and_table(setup, tmp_path, capsys):
-    root, tasks, want = setup
+def test_cli_on_a_pruned_checkpoint_equals_hf_on_its_export(setup, tmp_path, capsys):
+    """The 2:4 masks apply: ``eval-tasks`` on a magnitude-pruned checkpoint gives what lm-eval's
+    ``hf`` model gives on its Hugging Face export (the masked weights), per item too; the JSON
+    is lm-eval's."""
+    from lm_eval.models.huggingface import HFLM
+
+    root, tasks, dense = setup
+    assert main(["prune", "--method", "magnitude", "--load", str(root / "m"), "--save",
+                 str(tmp_path / "p"), "--no-progress"]) == 0
+    assert main(["export", "hf", "--load", str(tmp_path / "p" / "pruned"), "--out",
+                 str(tmp_path / "hf"), "--no-progress"]) == 0
+    want = answers(HFLM(pretrained=str(tmp_path / "hf"), device="cpu", dtype="float32",
+                        batch_size=4), tasks)
+    capsys.readouterr()
     out = tmp_path / "res" / "tiny.json"
-    assert main(["eval-tasks", "--load", str(root / "m"), "--tasks", "tiny_mc",
-                 "--include-path", str(tasks), "--output", str(out), "--no-progress"]) == 0
+    assert main(["eval-tasks", "--load", str(tmp_path / "p" / "pruned"), "--tasks", "tiny_mc",
+                 "--include-path", str(tasks), "--output", str(out), "--log-samples",
+                 "--no-progress"]) == 0
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
-    assert results["results"]["tiny_mc"]["acc,none"] == want["acc"]
-    assert results["results"]["tiny_mc"]["acc_norm,none"] == want["acc_norm"]
-    assert results["n-shot"] == {"tiny_mc": 0} and "samples" not in results
-    assert results["config"]["masks"] == "dense"
+    got = results["results"]["tiny_mc"]
+    assert got["acc,none"] == want["acc"] and got["acc_norm,none"] == want["acc_norm"]
+    items = [[r[0][0] for r in s["resps"]]
+             for s in sorted(results["samples"]["tiny_mc"], key=lambda s: s["doc_id"])]
+    for g, w, d in zip(items, want["items"], dense["items"], strict=True):
+        assert g == pytest.approx(w, abs=TOL)
+        assert g != pytest.approx(d, abs=1e-3)  # the masks matter
+    assert results["n-shot"] == {"tiny_mc": 0} and results["versions"] == {"tiny_mc": 1.0}
+    assert results["config"]["masks"] == "fixed" and results["config"]["pattern"] == "2:4"
     assert "|tiny_mc|" in printed.replace(" ", "") and "acc_norm" in printed
 
 
