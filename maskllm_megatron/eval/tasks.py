@@ -223,6 +223,9 @@ def evaluate_checkpoint(args) -> TasksReport:
         raise InputError("--log-samples puts the samples in --output: give --output FILE.json")
     if args.limit is not None and args.limit <= 0:
         raise InputError(f"--limit must be positive, not {args.limit}")
+    if args.output and Path(args.output).is_dir():  # found now, not after the whole run
+        raise InputError(f"--output {args.output} is a directory; give a file name "
+                         "(FILE.json)")
     require_path(args.load, "checkpoint (--load)")
     if args.model_config:
         require_path(args.model_config, "model config (--model-config)")
