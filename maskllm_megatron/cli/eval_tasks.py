@@ -20,6 +20,9 @@ def add_parsers(sub: typing.Any) -> None:
     tasks = sub.add_parser("eval-tasks", help="zero-shot tasks through lm-evaluation-harness "
                            "(the optional [eval] extra)", formatter_class=HelpFormatter)
     add_model_arguments(tasks)
+    for action in tasks._actions:  # --batch-size (lm-eval's name) is this command's
+        if action.dest == "micro_batch_size":
+            action.help = argparse.SUPPRESS
     tasks.add_argument("--tasks", default=PAPER_TASKS, metavar="A,B,...",
                        help="lm-eval task (or group) names, comma-separated (default: the "
                             f"paper's seven, {PAPER_TASKS})")
@@ -27,7 +30,7 @@ def add_parsers(sub: typing.Any) -> None:
                        help="a folder of task YAMLs (local data files, or tasks of the same "
                             "name that replace lm-eval's own; default: lm-eval's tasks only)")
     tasks.add_argument("--num-fewshot", type=int, default=0,
-                       help="examples in each prompt (0: zero-shot, as the paper)")
+                       help="examples in each prompt (default: 0, zero-shot, as the paper)")
     tasks.add_argument("--batch-size", type=int, default=8,
                        help="requests per forward pass on one rank")
     tasks.add_argument("--limit", type=_limit,
