@@ -1,9 +1,10 @@
 """``maskllm eval-tasks``: our lm-eval adapter on a converted tiny LLaMA gives what lm-eval's own
 ``hf`` model gives on the same weights (float32): the same acc and acc_norm on a shipped
 multiple-choice task, per-item log-likelihoods equal within 1e-4, the same rolling
-log-likelihoods and greedy generations; at TP=1 in this process, at TP=2 x DP=2 and TP=2 x PP=2
-on the session's four gloo ranks. The CLI runs in this process (no start-up cost), as in
-test_ppl_protocols. Skipped only when lm_eval (the [eval] extra) is not installed.
+log-likelihoods and greedy generations; at TP=1 in this process, at TP=2 x DP=2 and
+TP=2 x PP=2 (sequence-parallel) on the session's four gloo ranks; on a pruned checkpoint
+through the CLI. The CLI runs in this process (no start-up cost), as in test_ppl_protocols.
+Skipped only when lm_eval (the [eval] extra) is not installed.
 """
 
 import json
@@ -114,7 +115,7 @@ def reference(root: Path, tasks: Path) -> dict:
     return answers(lm, tasks)
 
 
-def ours(root: Path, tasks: Path, batch_size: int = 4) -> dict:
+def ours(root: Path, tasks: Path, batch_size: int = 4, sequence_parallel: bool = False) -> dict:
     """Our adapter on the converted checkpoint, in the running process group."""
     from maskllm_megatron import distributed
     from maskllm_megatron.checkpoint.model import load_sparse_model
@@ -123,8 +124,8 @@ def ours(root: Path, tasks: Path, batch_size: int = 4) -> dict:
     from maskllm_megatron.model.config import ModelConfig
 
     cfg = ModelConfig.load(root / "m")
-    model, _, _ = load_sparse_model(root / "m", cfg, NMPattern(2, 4),
-                                    params_dtype=torch.float32)
+    model, _, _ = load_sparse_model(root / "m", cfg, NMPattern(2, 4), params_dtype=torch.float32,
+                                    sequence_parallel=sequence_parallel)
     lm = MegatronLM(model, load_lm_tokenizer(cfg.tokenizer), cfg.max_sequence_length,
                     batch_size=batch_size, true_vocab_size=cfg.true_vocab_size)
     out = answers(lm, tasks)
@@ -158,14 +159,15 @@ def test_tp1_equals_lm_evals_hf_model(setup):
     _agree(got, want)
 
 
-def case_ours(root, tasks):
-    return ours(root, tasks)
+def case_ours(root, tasks, sequence_parallel):
+    return ours(root, tasks, sequence_parallel=sequence_parallel)
 
 
 def test_tp2_dp2_and_tp2_pp2_equal_lm_evals_hf_model(setup, dist4):
+    """TP=2 x PP=2 with sequence parallelism (inputs padded to a multiple of TP)."""
     root, tasks, want = setup
     for tp, pp in ((2, 1), (2, 2)):
-        values = dist4.run(case_ours, root, tasks, tp=tp, pp=pp)
+        values = dist4.run(case_ours, root, tasks, pp == 2, tp=tp, pp=pp)
         assert {v["layout"].dp for v in values} == {4 // (tp * pp)}
         for got in values:  # every rank returns the same results
             _agree(got, want)
