@@ -237,6 +237,18 @@ def trtllm_config(cfg: ModelConfig, tp: int, pp: int, dtype: str, pattern: NMPat
             "moe": {"num_experts": 0, "top_k": 0, "normalization_mode": 1}}
 
 
+def trtllm_runtime_note(cfg: ModelConfig) -> str | None:
+    """What the TensorRT-LLM checkpoint leaves to the runtime, for the user: a sliding window
+    (Mistral) is set per run, not stored (TensorRT-LLM's Mistral is LLaMA plus this setting)."""
+    window = cfg.transformer.window_size
+    if not window:
+        return None
+    tokens = window[0] + 1
+    return (f"sliding window of {tokens} tokens: not in the checkpoint, TensorRT-LLM applies it "
+            f"at run time; run with --max_attention_window_size {tokens} (examples/run.py, "
+            f"summarize.py) or KvCacheConfig(max_attention_window=[{tokens}]) in the LLM API")
+
+
 def check_layout(cfg: ModelConfig, tp: int, pp: int, pattern: NMPattern) -> None:
     """Refuse a TensorRT-LLM layout that splits heads, layers or N:M groups unevenly, before
     any rank is written."""

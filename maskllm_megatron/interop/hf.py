@@ -1,4 +1,5 @@
-"""Hugging Face <-> megatron-core checkpoints for LLaMA, Nemotron and GPT-2 (GPT-3 style).
+"""Hugging Face <-> megatron-core checkpoints for LLaMA, Qwen2/2.5, Qwen3, Mistral, Nemotron and
+GPT-2 (GPT-3 style).
 
 ``hf-to-mcore`` reads a local Hugging Face directory (config.json, safetensors or a
 weights-only ``pytorch_model.bin``), builds megatron-core's GPTModel in one process, fills it one
@@ -7,6 +8,12 @@ once), and saves a dist_checkpointing checkpoint, which loads at any TP x PP. Be
 ``model_config.json`` (what every command reads), the HF ``config.json`` (for the way back) and
 the tokenizer. ``mcore-to-hf`` inverts every step. Permutations are exact, so HF -> mcore -> HF
 gives bitwise identical tensors.
+
+Every architecture with the ``model.layers.{i}.self_attn`` / ``mlp`` layout is one
+:class:`Family` table in :data:`FAMILIES` (Megatron-Bridge style: data, not a copied converter):
+its config keys (which turn biases on, the norm's epsilon, a sliding window, keys refused), the
+per-layer tensors copied 1:1 and the modules fused into ``linear_qkv`` and ``linear_fc1``.
+GPT-2's Conv1D layout is the one special path.
 
 Layout differences handled here:
 
@@ -17,6 +24,9 @@ Layout differences handled here:
   TP, megatron's rule; the padding is cut off on the way back.
 * Tied embeddings: no ``output_layer`` in megatron, no ``lm_head`` in HF.
 * Nemotron's LayerNorm1p stores ``gamma - 1`` on both sides (zero-centred gamma).
+* Qwen2's q/k/v biases are implied by the architecture (no config key); Qwen3's per-head
+  ``q_norm``/``k_norm`` are megatron's ``q_layernorm``/``k_layernorm``; Mistral's
+  ``sliding_window`` W is megatron's ``window_size`` (W - 1, 0).
 """
 
 from __future__ import annotations
@@ -351,11 +361,13 @@ class TensorMapping:
         return ("weight",) if self.cfg.transformer.normalization == "RMSNorm" \
             else ("weight", "bias")
 
-    def _copied(self, i: int):
-        """(mcore name, HF name) of the tensors a layer copies as they are."""
+    def _copied(self, i: int, linear: bool):
+        """(mcore name, HF name) of the norms (``linear`` False) or the linears a layer copies
+        as they are."""
         m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
         for ours, theirs in self.family.layer.items():
-            linear = ours.startswith(("self_attention.linear", "mlp.linear"))
+            if ours.startswith(("self_attention.linear", "mlp.linear")) != linear:
+                continue
             for s in self._suffixes(self.biases) if linear else self._norm_suffixes():
                 yield f"{m}{ours}.{s}", f"{p}{theirs}.{s}"
 
@@ -383,7 +395,7 @@ class TensorMapping:
             if self.arch == "gpt2":
                 yield from self._gpt2_to_mcore(get, i)
                 continue
-            for ours, theirs in self._copied(i):
+            for ours, theirs in self._copied(i, linear=False):
                 yield ours, get(theirs)
             p = f"model.layers.{i}."
             for s in self._suffixes(self.qkv_bias):
@@ -392,6 +404,8 @@ class TensorMapping:
             for s in self._suffixes(self.biases):  # [gate; up] for SwiGLU
                 yield m + f"mlp.linear_fc1.{s}", torch.cat(
                     [get(f"{p}{name}.{s}") for name in self.family.fc1])
+            for ours, theirs in self._copied(i, linear=True):
+                yield ours, get(theirs)
         for s in self._norm_suffixes():
             yield f"decoder.final_layernorm.{s}", get(f"{final_norm}.{s}")
         if not self.tied:
@@ -424,8 +438,9 @@ class TensorMapping:
             if self.arch == "gpt2":
                 yield from self._gpt2_to_hf(get, i)
                 continue
-            for ours, theirs in self._copied(i):
-                yield theirs, get(ours)
+            for linear in (False, True):
+                for ours, theirs in self._copied(i, linear):
+                    yield theirs, get(ours)
             p = f"model.layers.{i}."
             for s in self._suffixes(self.qkv_bias):
                 parts = qkv_from_mcore(get(m + f"self_attention.linear_qkv.{s}"), self.groups,

@@ -210,8 +210,17 @@ def _sparse(weight):
 def test_trtllm_export_follows_tensorrt_llms_converter(made, kind):
     from safetensors.torch import load_file
 
+    from maskllm_megatron.deploy.export import trtllm_runtime_note
+    from maskllm_megatron.model.config import ModelConfig
+
     model, base = made[kind]
     d = 24 if kind == "qwen3" else 16
+    note = trtllm_runtime_note(ModelConfig.load(base / "pruned" / "pruned"))
+    if kind == "mistral":  # what `maskllm export trtllm` prints after the build line
+        assert f"--max_attention_window_size {WINDOW} " in note
+        assert f"KvCacheConfig(max_attention_window=[{WINDOW}])" in note
+    else:
+        assert note is None
     for tp in (1, 2):
         directory = base / f"trt-{tp}"
         report = validate_trtllm(directory)
