@@ -51,6 +51,7 @@ PIPELINE = """
 import argparse, sys
 from maskllm_megatron.interop import hf as convert
 from maskllm_megatron.deploy import export
+from maskllm_megatron.deploy.import_masks import import_masks
 from maskllm_megatron import distributed
 from maskllm_megatron.cpu_shims import cpu_shims
 from maskllm_megatron.pruning.oneshot import prune_checkpoint
@@ -72,13 +73,16 @@ with cpu_shims():  # convert both ways, prune --method magnitude, export: one pr
             export.export_trtllm(load, f"{base}/trt-{tp}", tp, 1, "float32", loaded=loaded,
                                  progress=False)
         export.export_hf(load, f"{base}/hfx", progress=False)
+        import_masks(f"{base}/hfx", f"{base}/mcore", f"{base}/imported")  # and back again
+        export.export_hf(f"{base}/imported/pruned", f"{base}/hfx2", progress=False)
 """
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """Per kind: the HF model and its directory tree (hf, mcore, back, pruned, trt-1, trt-2,
-    hfx), all written by one process."""
+    hfx, and hfx2: hfx's packed masks imported onto mcore and exported again), all written by
+    one process."""
     root = tmp_path_factory.mktemp("families")
     out = {}
     for kind in KINDS:
@@ -293,7 +297,7 @@ def test_the_validator_knows_the_qwen_variants(made, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_hf_export_masks_the_gemms_and_keeps_biases_and_qk_norms(made, kind):
+def test_hf_export_and_import_masks_keep_biases_and_qk_norms(made, kind):
     from maskllm_megatron.deploy.export import load_packed_masks
 
     model, base = made[kind]
@@ -310,3 +314,8 @@ def test_hf_export_masks_the_gemms_and_keeps_biases_and_qk_norms(made, kind):
             assert is_nm_sparse(exported[name], P24), name
         else:  # embeddings, norms, Qwen3's q/k norms, Qwen2's q/k/v biases: untouched
             assert torch.equal(exported[name], tensor), name
+    # import-masks reads the packed masks through the same tables: the round trip is exact
+    again = _safetensors(base / "hfx2")
+    assert again.keys() == exported.keys()
+    assert all(torch.equal(again[k], exported[k]) for k in exported)
+    assert all(torch.equal(m, masks[k]) for k, m in load_packed_masks(base / "hfx2").items())
