@@ -267,7 +267,7 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
             name = "mistral"
         elif t.add_qkv_bias and not (t.add_bias_linear or t.qk_layernorm or window):
             name = "qwen2"
-        elif not (t.qk_layernorm or window) and t.add_qkv_bias == t.add_bias_linear:
+        elif not (t.qk_layernorm or window):  # megatron's add_bias_linear biases qkv too
             name = "llama"
         else:
             name = None
@@ -283,7 +283,7 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
                   "max_position_embeddings": cfg.max_sequence_length,
                   "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
                   "torch_dtype": t.params_dtype}
-            for key, value in ((family.qkv_bias, t.add_qkv_bias),
+            for key, value in ((family.qkv_bias, t.add_qkv_bias or t.add_bias_linear),
                                (family.mlp_bias, t.add_bias_linear)):
                 if isinstance(key, str):
                     hf[key] = value
