@@ -67,8 +67,9 @@ class ConversionError(InputError):
 @dataclass(frozen=True)
 class Family:
     """One Hugging Face architecture with the ``model.layers.{i}.self_attn.*`` / ``mlp.*`` layout,
-    as data: what its config keys mean and where its tensors lie. The converter, the exporters
-    and ``import-masks`` read these tables; a new family is a new table, not new code paths."""
+    as data: what its config keys mean and where its tensors lie. The converter, ``export hf``
+    and ``import-masks`` read these tables (the TensorRT-LLM export reads the model config they
+    produce); a new family is a new table, not new code paths."""
 
     architecture: str  # the HF class in config.json's "architectures"
     model_type: str
