@@ -35,11 +35,18 @@ def _export(args: argparse.Namespace) -> None:
     from maskllm_megatron.deploy.validate import format_report, validate_trtllm
 
     if args.target == "trtllm":
+        from maskllm_megatron.paths import require_separate
+
+        require_separate(args.out, args.load)  # before the load, as export_trtllm would
+        loaded = export.load_for_export(args.load, args.N, args.M)
         out = export.export_trtllm(args.load, args.out, args.tp, args.pp, args.dtype, args.N,
-                                   args.M, progress=args.progress)
+                                   args.M, progress=args.progress, loaded=loaded)
         print(format_report(validate_trtllm(out, args.N, args.M)))
         print(f"wrote {out}; build with: trtllm-build --checkpoint_dir {out} "
               "--output_dir ENGINE_DIR --weight_sparsity  (no --gemm_plugin)")
+        note = export.trtllm_runtime_note(loaded[1])
+        if note:
+            print(note)
     else:
         out = export.export_hf(args.load, args.out, args.N, args.M, progress=args.progress)
         print(f"wrote {out}")

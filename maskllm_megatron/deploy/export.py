@@ -163,20 +163,33 @@ def trim(load: str | Path, out: str | Path, n: int = 2, m: int = 4) -> TrimRepor
 
 
 def _trt_kind(cfg: ModelConfig) -> str:
+    """Which TensorRT-LLM model the checkpoint becomes, from its shape alone (so models not
+    converted from HF export too): ``qwen3`` (q/k layernorm) and ``qwen2`` (q/k/v biases
+    without o_proj's) as QWenForCausalLM, ``llama`` (LLaMA, Mistral) as LlamaForCausalLM,
+    ``nemotron`` and ``gpt`` as GPTForCausalLM."""
     t = cfg.transformer
     if t.gated_linear_unit:
         if t.activation != "silu":
-            raise ExportError(f"gated MLP with {t.activation}: only SwiGLU (LLaMA) is "
-                              "exported")
+            raise ExportError(f"gated MLP with {t.activation}: only SwiGLU (LLaMA, Qwen, "
+                              "Mistral) is exported")
+        if t.qk_layernorm:
+            return "qwen3"
+        if t.add_qkv_bias and not t.add_bias_linear:
+            return "qwen2"
         return "llama"
+    if t.qk_layernorm:
+        raise ExportError("q/k layernorm is exported for Qwen3 (SwiGLU) only")
     if t.layernorm_zero_centered_gamma or t.activation == "squared_relu":
         return "nemotron"
     return "gpt"
 
 
 def trtllm_config(cfg: ModelConfig, tp: int, pp: int, dtype: str, pattern: NMPattern) -> dict:
-    """config.json for GPTForCausalLM (GPT-3 style, Nemotron) or LlamaForCausalLM, with the
-    minimal ``mapping`` and ``quantization`` dicts the reference asks for."""
+    """config.json for GPTForCausalLM (GPT-3 style, Nemotron), LlamaForCausalLM (LLaMA,
+    Mistral) or QWenForCausalLM (Qwen2/2.5, Qwen3), with the keys TensorRT-LLM's own
+    converters write for each and the minimal ``mapping`` and ``quantization`` dicts the
+    reference asks for. Mistral's sliding window is not in it: TensorRT-LLM takes it at run time
+    (``max_attention_window_size``)."""
     t = cfg.transformer
     kind = _trt_kind(cfg)
     h, nh, head = t.hidden_size, t.num_attention_heads, t.kv_channels
@@ -192,11 +205,24 @@ def trtllm_config(cfg: ModelConfig, tp: int, pp: int, dtype: str, pattern: NMPat
         "use_parallel_embedding": False, "embedding_sharding_dim": 0,
         "sparsity": str(pattern),  # informational; TensorRT-LLM accepts unknown top-level keys
     }
-    if kind == "llama":
-        return {"architecture": "LlamaForCausalLM", **common, "hidden_act": "silu",
-                "position_embedding_type": "rope_gpt_neox", "rotary_base": cfg.rotary_base,
-                "rotary_scaling": None, "mlp_bias": t.add_bias_linear,
-                "attn_bias": t.add_bias_linear}
+    rope = {"hidden_act": "silu", "position_embedding_type": "rope_gpt_neox",
+            "rotary_base": cfg.rotary_base, "rotary_scaling": None}
+    if kind in ("qwen2", "qwen3"):
+        # QWenConfig: attn_bias is q/k/v only (o_proj never has one), qwen_type picks Qwen3's
+        # per-head q/k RMSNorm (attention.q_layernorm / k_layernorm)
+        if t.add_bias_linear:
+            raise ExportError("Qwen with o_proj or MLP biases has no QWenForCausalLM "
+                              "counterpart")
+        return {"architecture": "QWenForCausalLM", **common, **rope, "qwen_type": kind,
+                "attn_bias": t.add_qkv_bias, "mlp_bias": False,
+                "qk_layernorm": kind == "qwen3", "rotary_embedding_dim": head,
+                "use_logn_attn": False, "seq_length": cfg.max_sequence_length,
+                "moe_intermediate_size": 0, "moe_shared_expert_intermediate_size": 0,
+                "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
+                "moe": {"num_experts": 0, "top_k": 0, "normalization_mode": 0}}
+    if kind == "llama":  # attn_bias: q/k/v and o_proj (megatron: add_bias_linear)
+        return {"architecture": "LlamaForCausalLM", **common, **rope,
+                "mlp_bias": t.add_bias_linear, "attn_bias": t.add_bias_linear}
     rope = cfg.position_embedding_type == "rope"
     act = {"squared_relu": "squared-relu", "relu": "relu"}.get(t.activation, "gelu")
     return {"architecture": "GPTForCausalLM", **common, "hidden_act": act,
@@ -209,6 +235,18 @@ def trtllm_config(cfg: ModelConfig, tp: int, pp: int, dtype: str, pattern: NMPat
             "embedding_scale": None, "apply_query_key_layer_scaling": False,
             "inner_layernorm": False, "norm_before_bmm1": False,
             "moe": {"num_experts": 0, "top_k": 0, "normalization_mode": 1}}
+
+
+def trtllm_runtime_note(cfg: ModelConfig) -> str | None:
+    """What the TensorRT-LLM checkpoint leaves to the runtime, for the user: a sliding window
+    (Mistral) is set per run, not stored (TensorRT-LLM's Mistral is LLaMA plus this setting)."""
+    window = cfg.transformer.window_size
+    if not window:
+        return None
+    tokens = window[0] + 1
+    return (f"sliding window of {tokens} tokens: not in the checkpoint, TensorRT-LLM applies it "
+            f"at run time; run with --max_attention_window_size {tokens} (examples/run.py, "
+            f"summarize.py) or KvCacheConfig(max_attention_window=[{tokens}]) in the LLM API")
 
 
 def check_layout(cfg: ModelConfig, tp: int, pp: int, pattern: NMPattern) -> None:
@@ -237,6 +275,7 @@ def _rank_tensors(state: dict, cfg: ModelConfig, tp: int, pp: int, tp_rank: int,
                   pp_rank: int) -> dict[str, torch.Tensor]:
     t = cfg.transformer
     kind = _trt_kind(cfg)
+    gated = kind in ("llama", "qwen2", "qwen3")
     h, nh, nkv, d = t.hidden_size, t.num_attention_heads, t.num_query_groups, t.kv_channels
     vocab = cfg.true_vocab_size or cfg.vocab_size
     zero_centered = t.layernorm_zero_centered_gamma
@@ -279,9 +318,12 @@ def _rank_tensors(state: dict, cfg: ModelConfig, tp: int, pp: int, tp_rank: int,
                 continue
             q, k, v = qkv_from_mcore(state[key], nkv, nh * d, nkv * d)
             out[p + f"attention.qkv.{suffix}"] = torch.cat([col(q), kv_split(k), kv_split(v)])
+        for qk in ("q", "k"):  # Qwen3: per-head RMSNorm, replicated
+            if m + f"self_attention.{qk}_layernorm.weight" in state:
+                norm(m + f"self_attention.{qk}_layernorm", p + f"attention.{qk}_layernorm")
         out[p + "attention.dense.weight"] = row(state[m + "self_attention.linear_proj.weight"])
         fc1 = state[m + "mlp.linear_fc1.weight"]
-        if kind == "llama":  # TensorRT-LLM: fc = gate (activated), gate = up
+        if gated:  # TensorRT-LLM: fc = gate (activated), gate = up
             gate, up = fc1.chunk(2)
             out[p + "mlp.fc.weight"], out[p + "mlp.gate.weight"] = col(gate), col(up)
         else:
@@ -290,7 +332,7 @@ def _rank_tensors(state: dict, cfg: ModelConfig, tp: int, pp: int, tp_rank: int,
         if m + "self_attention.linear_proj.bias" in state:
             out[p + "attention.dense.bias"] = state[m + "self_attention.linear_proj.bias"]
             fc1b = state[m + "mlp.linear_fc1.bias"]
-            if kind == "llama":
+            if gated:
                 gate, up = fc1b.chunk(2)
                 out[p + "mlp.fc.bias"], out[p + "mlp.gate.bias"] = col(gate), col(up)
             else:

@@ -23,12 +23,17 @@ import numpy as np
 import torch
 
 from maskllm_megatron import distributed
-from maskllm_megatron.checkpoint.integrity import verify_model_files
-from maskllm_megatron.checkpoint.model import load_model
+from maskllm_megatron.checkpoint.integrity import seal, verify_model_files
+from maskllm_megatron.checkpoint.model import load_model, save_model
 from maskllm_megatron.checkpoint.run_dir import model_dir
-from maskllm_megatron.checkpoint.safe_load import read_json
-from maskllm_megatron.core.nm import NMPattern, mask_to_indices, nonzeros_per_group
-from maskllm_megatron.deploy.export import load_packed_masks
+from maskllm_megatron.checkpoint.safe_load import read_json, read_tensors_metadata
+from maskllm_megatron.core.nm import (
+    NMPattern,
+    indices_to_mask,
+    mask_to_indices,
+    nonzeros_per_group,
+)
+from maskllm_megatron.deploy.export import MASKS_FILE, load_packed_masks
 from maskllm_megatron.errors import CheckpointError, InputError
 from maskllm_megatron.interop.hf import (
     HF_CONFIG,
@@ -37,9 +42,9 @@ from maskllm_megatron.interop.hf import (
     hf_config_from_model_config,
 )
 from maskllm_megatron.model.build import build_model
-from maskllm_megatron.model.config import ModelConfig
+from maskllm_megatron.model.config import ModelConfig, copy_model_files
 from maskllm_megatron.model.layers import MaskSettings, assign_layer_ids, sparse_layers
-from maskllm_megatron.paths import require_path, require_separate
+from maskllm_megatron.paths import atomic_directory, require_path, require_separate
 from maskllm_megatron.pruning.oneshot import save_pruned
 
 NPZ_SUFFIX = ".mask"  # the official layout's key: "<HF parameter name>.mask"
@@ -150,20 +155,24 @@ def to_mcore_masks(mapping: TensorMapping, masks: dict[str, torch.Tensor],
     return {name: t for name, t in mapping.to_mcore(get) if t.dtype == torch.bool}
 
 
-@torch.no_grad()
-def import_masks(file: str | Path, load: str | Path, save: str | Path, n: int = 2,
-                 m: int = 4) -> dict:
-    """``maskllm import-masks``: masks from ``file`` (official ``.npz`` or our packed
-    safetensors) as fixed masks on ``load``'s weights, saved like ``prune`` does
-    (``SAVE/pruned``, ``SAVE/masks``). At TP=1 x PP=1 in the running process group (the
-    result reshards on load). Returns {"pruned", "masks", "entries", "pattern"}."""
-    file, load, save = Path(file), Path(load), Path(save)
-    pattern = NMPattern(n, m)
+MASK_FILE_SUFFIXES = (".npz", ".safetensors")
+
+
+def is_mask_file(path: str | Path) -> bool:
+    """A published mask file (the official ``.npz``, our ``nm_masks.safetensors``, or the
+    ``export hf`` directory holding it) rather than a checkpoint directory."""
+    path = Path(path)
+    return (path.is_file() and path.suffix in MASK_FILE_SUFFIXES) or \
+        (path.is_dir() and (path / MASKS_FILE).exists() and not (path / "model_config.json")
+         .exists())
+
+
+def _checked_masks(file: Path, load: Path, pattern: NMPattern, device) -> tuple:
+    """Read ``load``'s config, build its model on ``device`` (``"meta"``: no weights) and read
+    and check every mask of ``file`` against it, before anything is written.
+    Returns (model, cfg, config_dir, source, megatron name -> mask, entries)."""
     require_path(file, "mask file")
     require_path(load, "checkpoint (--load)")
-    for sub in ("pruned", "masks"):
-        require_separate(save / sub, load, file)
-    layout = distributed.use_layout(1, 1, what="import-masks")
     source = model_dir(load)
     verify_model_files(load, source, source.parent)
     config_dir = next((d for d in (load, source, source.parent)
@@ -176,7 +185,7 @@ def import_masks(file: str | Path, load: str | Path, save: str | Path, n: int = 
         else hf_config_from_model_config(cfg)
     arch = architecture(hf)
     model = build_model(cfg, MaskSettings(pattern=pattern, mode="fixed"),
-                        device=layout.device, perform_initialization=False)
+                        device=device, perform_initialization=False)
     assign_layer_ids(model)
     mapping = TensorMapping(arch, hf, cfg)
     every, shapes = hf_shapes(mapping, model)
@@ -188,14 +197,72 @@ def import_masks(file: str | Path, load: str | Path, save: str | Path, n: int = 
         raise InputError(f"{file}: give the official mask_compressed.npz or our "
                          "nm_masks.safetensors (or its `export hf` directory)")
     check_nm(masks, pattern, arch == "gpt2", file)
-    mcore = to_mcore_masks(mapping, masks, every)
+    return model, cfg, config_dir, source, to_mcore_masks(mapping, masks, every), len(masks)
+
+
+def _refuse_other_fixed_masks(model, source: Path, mcore: dict, pattern: NMPattern) -> None:
+    """A pruned checkpoint's weights are already zero outside its own masks: other masks on
+    them would keep zeros, silently. The same masks again are fine."""
+    if not any(k.endswith(".mask_indices") for k in read_tensors_metadata(source)):
+        return
+    for name, layer in sparse_layers(model):
+        if not torch.equal(indices_to_mask(layer.mask_indices.long(), pattern).cpu(),
+                           mcore[f"{name}.weight"]):
+            raise InputError(f"{source} is already pruned (it holds fixed masks) and {name}'s "
+                             "differ from the imported ones; import onto the dense checkpoint "
+                             "it came from (the `maskllm convert` output)")
+
+
+@torch.no_grad()
+def import_masks(file: str | Path, load: str | Path, save: str | Path, n: int = 2,
+                 m: int = 4) -> dict:
+    """``maskllm import-masks``: masks from ``file`` (official ``.npz`` or our packed
+    safetensors) as fixed masks on ``load``'s weights, saved like ``prune`` does
+    (``SAVE/pruned``, ``SAVE/masks``). At TP=1 x PP=1 in the running process group (the
+    result reshards on load). Returns {"pruned", "masks", "entries", "pattern"}."""
+    file, load, save = Path(file), Path(load), Path(save)
+    pattern = NMPattern(n, m)
+    for sub in ("pruned", "masks"):
+        require_separate(save / sub, load, file)
+    layout = distributed.use_layout(1, 1, what="import-masks")
+    model, cfg, config_dir, source, mcore, entries = _checked_masks(file, load, pattern,
+                                                                    layout.device)
     # every check passed: load the weights and mask them (like prune without weight updates)
     load_model(model, source, missing_masks="keep")
+    _refuse_other_fixed_masks(model, source, mcore, pattern)
     for name, layer in sparse_layers(model):
         mask = mcore[f"{name}.weight"].to(layer.weight.device)
         layer.mask_indices.copy_(mask_to_indices(mask, pattern).to(torch.uint8))
         layer.weight.mul_(mask.to(layer.weight.dtype))
         layer.mode = "fixed"
     save_pruned(model, cfg, config_dir, save)
-    return {"pruned": save / "pruned", "masks": save / "masks", "entries": len(masks),
+    return {"pruned": save / "pruned", "masks": save / "masks", "entries": entries,
             "pattern": pattern}
+
+
+@torch.no_grad()
+def import_prior(file: str | Path, load: str | Path, out: str | Path, n: int = 2,
+                 m: int = 4) -> dict:
+    """Masks from ``file`` as a masks-only checkpoint ``out`` for ``train --prior`` (what
+    ``import-masks`` writes as ``SAVE/masks``), without reading or holding the weights: the
+    model is built on the meta device and only its mask tensors are real. Returns
+    {"masks", "entries", "pattern"}."""
+    file, load, out = Path(file), Path(load), Path(out)
+    pattern = NMPattern(n, m)
+    require_separate(out, load, file)
+    layout = distributed.use_layout(1, 1, what="import-masks")
+    model, cfg, config_dir, _, mcore, entries = _checked_masks(file, load, pattern, "meta")
+    for name, layer in sparse_layers(model):
+        indices = mask_to_indices(mcore[f"{name}.weight"], pattern).to(torch.uint8)
+        layer.register_buffer("mask_indices", indices.to(layout.device))
+        layer._mark_sharded(layer.mask_indices)
+    with atomic_directory(out) as tmp:
+        save_model(model, tmp, masks_only=True)
+
+        def describe() -> None:
+            copy_model_files(config_dir, tmp)
+            cfg.save(tmp)
+            seal(tmp)
+
+        distributed.on_rank0(describe)
+    return {"masks": out, "entries": entries, "pattern": pattern}

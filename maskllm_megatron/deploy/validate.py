@@ -4,7 +4,8 @@ no GPU, no torch.
 It reads each ``rank{i}.safetensors`` header itself (8-byte little-endian length, JSON header,
 data) and checks what TensorRT-LLM's loader and TensorRT's sparse tactics need: files and
 config values, the expected tensor names and per-rank shapes for ``GPTForCausalLM`` (GPT-3
-style and Nemotron) and ``LlamaForCausalLM``, dtypes, replicated tensors identical across TP
+style and Nemotron), ``LlamaForCausalLM`` (LLaMA, Mistral) and ``QWenForCausalLM`` (Qwen2/2.5
+with q/k/v biases, Qwen3 with per-head q/k RMSNorm), dtypes, replicated tensors identical across TP
 ranks, padded vocabulary rows zero, and at most N non-zeros in every aligned group of M along
 the input (last) axis of every GEMM weight. :func:`validate_trtllm` returns the violations and
 the warnings; ``maskllm validate trtllm DIR`` exits 2 (a user error) when there are violations.
@@ -27,7 +28,8 @@ import numpy as np
 from maskllm_megatron.checkpoint.integrity import verify
 from maskllm_megatron.errors import CheckpointError
 
-ARCHITECTURES = ("GPTForCausalLM", "NemotronForCausalLM", "LlamaForCausalLM")
+ARCHITECTURES = ("GPTForCausalLM", "NemotronForCausalLM", "LlamaForCausalLM", "QWenForCausalLM")
+QWEN_TYPES = ("qwen2", "qwen3")  # dense QWenForCausalLM variants (qwen_type)
 DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 POSITION_TYPES = ("learned_absolute", "rope_gptj", "rope_gpt_neox", "long_rope", "alibi",
                   "alibi_with_scale", "relative", "chatglm", "yarn", "mrope", "deferred")
@@ -131,10 +133,21 @@ def expected_tensors(cfg: dict, tp_rank: int, pp_rank: int) -> dict[str, tuple[i
     d = cfg.get("head_size") or h // nh
     f = cfg.get("intermediate_size") or 4 * h
     vocab, layers = cfg["vocab_size"], cfg["num_hidden_layers"]
-    llama = cfg["architecture"] == "LlamaForCausalLM"
-    bias = bool(cfg.get("mlp_bias") or cfg.get("attn_bias")) if llama else cfg.get("bias", True)
-    gated = llama or cfg.get("hidden_act") in ("swiglu", "geglu")
-    norm_bias = not llama
+    arch = cfg["architecture"]
+    llama, qwen = arch == "LlamaForCausalLM", arch == "QWenForCausalLM"
+    # biases as each model class builds them, with TensorRT-LLM's defaults: LLaMA's attn_bias
+    # covers qkv and dense, Qwen's qkv only (dense_bias=False) and defaults to true
+    if qwen:
+        qkv_bias, dense_bias = bool(cfg.get("attn_bias", True)), False
+        mlp_bias = bool(cfg.get("mlp_bias", False))
+    elif llama:
+        qkv_bias = dense_bias = bool(cfg.get("attn_bias", False))
+        mlp_bias = bool(cfg.get("mlp_bias", False))
+    else:
+        qkv_bias = dense_bias = mlp_bias = bool(cfg.get("bias", True))
+    gated = llama or qwen or cfg.get("hidden_act") in ("swiglu", "geglu")
+    norm_bias = not (llama or qwen)
+    qk_norm = qwen and cfg.get("qwen_type") == "qwen3"  # QWen decides by qwen_type alone
     out: dict[str, tuple[int, ...]] = {}
     if pp_rank == 0:
         if cfg.get("use_parallel_embedding"):
@@ -159,9 +172,14 @@ def expected_tensors(cfg: dict, tp_rank: int, pp_rank: int) -> dict[str, tuple[i
         out[p + "mlp.proj.weight"] = (h, f // tp)
         if gated:
             out[p + "mlp.gate.weight"] = (f // tp, h)
-        if bias:
+        if qk_norm:
+            out[p + "attention.q_layernorm.weight"] = (d,)
+            out[p + "attention.k_layernorm.weight"] = (d,)
+        if qkv_bias:
             out[p + "attention.qkv.bias"] = (qkv_rows,)
+        if dense_bias:
             out[p + "attention.dense.bias"] = (h,)
+        if mlp_bias:
             out[p + "mlp.fc.bias"] = (f // tp,)
             out[p + "mlp.proj.bias"] = (h,)
             if gated:
@@ -194,16 +212,20 @@ def check_architecture_and_dtype(cfg: dict) -> list[str]:
 
 
 def check_config_values(cfg: dict) -> list[str]:
-    """Enum values TensorRT-LLM parses: position embedding type, activation."""
+    """Enum values TensorRT-LLM parses: position embedding type, activation, qwen_type."""
     out = []
     if cfg.get("position_embedding_type", "learned_absolute") not in POSITION_TYPES:
         out.append(f"position_embedding_type {cfg.get('position_embedding_type')!r} is not a "
                    "TensorRT-LLM enum name")
-    llama = cfg["architecture"] == "LlamaForCausalLM"
+    arch = cfg["architecture"]
+    gated = arch in ("LlamaForCausalLM", "QWenForCausalLM")
     act = cfg.get("hidden_act", "gelu")
-    if llama and act != "silu":
-        out.append(f"hidden_act {act!r}: LlamaForCausalLM uses silu (gated)")
-    if not llama and act not in GPT_ACTS:
+    if gated and act != "silu":
+        out.append(f"hidden_act {act!r}: {arch} uses silu (gated)")
+    if arch == "QWenForCausalLM" and cfg.get("qwen_type") not in QWEN_TYPES:
+        out.append(f"qwen_type {cfg.get('qwen_type')!r}: QWenForCausalLM needs one of "
+                   f"{QWEN_TYPES} (the dense models this validator checks)")
+    if not gated and act not in GPT_ACTS:
         out.append(f"hidden_act {act!r} is not one GPTForCausalLM knows")
     return out
 

@@ -1,4 +1,5 @@
-"""Hugging Face <-> megatron-core checkpoints for LLaMA, Nemotron and GPT-2 (GPT-3 style).
+"""Hugging Face <-> megatron-core checkpoints for LLaMA, Qwen2/2.5, Qwen3, Mistral, Nemotron and
+GPT-2 (GPT-3 style).
 
 ``hf-to-mcore`` reads a local Hugging Face directory (config.json, safetensors or a
 weights-only ``pytorch_model.bin``), builds megatron-core's GPTModel in one process, fills it one
@@ -7,6 +8,12 @@ once), and saves a dist_checkpointing checkpoint, which loads at any TP x PP. Be
 ``model_config.json`` (what every command reads), the HF ``config.json`` (for the way back) and
 the tokenizer. ``mcore-to-hf`` inverts every step. Permutations are exact, so HF -> mcore -> HF
 gives bitwise identical tensors.
+
+Every architecture with the ``model.layers.{i}.self_attn`` / ``mlp`` layout is one
+:class:`Family` table in :data:`FAMILIES` (Megatron-Bridge style: data, not a copied converter):
+its config keys (which turn biases on, the norm's epsilon, a sliding window, keys refused), the
+per-layer tensors copied 1:1 and the modules fused into ``linear_qkv`` and ``linear_fc1``.
+GPT-2's Conv1D layout is the one special path.
 
 Layout differences handled here:
 
@@ -17,12 +24,16 @@ Layout differences handled here:
   TP, megatron's rule; the padding is cut off on the way back.
 * Tied embeddings: no ``output_layer`` in megatron, no ``lm_head`` in HF.
 * Nemotron's LayerNorm1p stores ``gamma - 1`` on both sides (zero-centred gamma).
+* Qwen2's q/k/v biases are implied by the architecture (no config key); Qwen3's per-head
+  ``q_norm``/``k_norm`` are megatron's ``q_layernorm``/``k_layernorm``; Mistral's
+  ``sliding_window`` W is megatron's ``window_size`` (W - 1, 0).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,8 +51,6 @@ from maskllm_megatron.model.build import build_model
 from maskllm_megatron.model.config import ModelConfig, TransformerFields
 from maskllm_megatron.paths import atomic_directory, require_path, require_separate
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "NemotronForCausalLM": "nemotron",
-             "GPT2LMHeadModel": "gpt2"}
 HF_CONFIG = "hf_config.json"
 TOKENIZER_DIR = "tokenizer"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -52,10 +61,77 @@ class ConversionError(InputError):
     """Unsupported architecture, or a config that does not match the weights."""
 
 
+# ----------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Hugging Face architecture with the ``model.layers.{i}.self_attn.*`` / ``mlp.*`` layout,
+    as data: what its config keys mean and where its tensors lie. The converter, ``export hf``
+    and ``import-masks`` read these tables (the TensorRT-LLM export reads the model config they
+    produce); a new family is a new table, not new code paths."""
+
+    architecture: str  # the HF class in config.json's "architectures"
+    model_type: str
+    hidden_act: str  # the one HF activation supported, with megatron's name for it
+    activation: str
+    normalization: str  # RMSNorm, or LayerNorm1p (Nemotron: zero-centred gamma)
+    eps_key: str
+    # q/k/v biases: a constant, or the HF key that turns them on (for LLaMA and Nemotron that
+    # key also puts a bias on o_proj); likewise the MLP's
+    qkv_bias: bool | str
+    mlp_bias: bool | str
+    # per-layer tensors copied as they are: megatron module -> HF module
+    layer: dict[str, str]
+    fc1: tuple[str, ...]  # HF modules stacked into linear_fc1 ([gate; up] for SwiGLU)
+    qk_layernorm: bool = False  # per-head q_norm / k_norm (Qwen3)
+    sliding_window: bool = False  # HF ``sliding_window`` W is megatron's window (W - 1, 0)
+    partial_rotary: bool = False  # HF ``partial_rotary_factor`` is read (Nemotron)
+    # HF keys that turn on what megatron or the exports cannot express: (key, why)
+    refuse: tuple[tuple[str, str], ...] = ()
+
+    qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+_LAYER = {"input_layernorm": "input_layernorm", "pre_mlp_layernorm": "post_attention_layernorm",
+          "self_attention.linear_proj": "self_attn.o_proj", "mlp.linear_fc2": "mlp.down_proj"}
+_QK_NORMS = {"self_attention.q_layernorm": "self_attn.q_norm",
+             "self_attention.k_layernorm": "self_attn.k_norm"}
+_SWIGLU = ("mlp.gate_proj", "mlp.up_proj")
+_QWEN_WINDOW = ("use_sliding_window", "sliding-window attention on some layers (layers from "
+                "max_window_layers on) cannot be exported; convert a config with "
+                "use_sliding_window false (what Qwen2/2.5/3 checkpoints ship)")
+_LLAMA_STYLE = dict(hidden_act="silu", activation="silu", normalization="RMSNorm",
+                    eps_key="rms_norm_eps", layer=_LAYER, fc1=_SWIGLU)
+
+FAMILIES = {
+    "llama": Family("LlamaForCausalLM", "llama", qkv_bias="attention_bias",
+                    mlp_bias="mlp_bias", **_LLAMA_STYLE),
+    "nemotron": Family("NemotronForCausalLM", "nemotron", hidden_act="relu2",
+                       activation="squared_relu", normalization="LayerNorm1p",
+                       eps_key="norm_eps", qkv_bias="attention_bias", mlp_bias="mlp_bias",
+                       layer=_LAYER, fc1=("mlp.up_proj",), partial_rotary=True),
+    # q/k/v always carry a bias, and no config key says so; o_proj and the MLP have none
+    "qwen2": Family("Qwen2ForCausalLM", "qwen2", qkv_bias=True, mlp_bias=False,
+                    refuse=(_QWEN_WINDOW,), **_LLAMA_STYLE),
+    "qwen3": Family("Qwen3ForCausalLM", "qwen3", qkv_bias=False, mlp_bias=False,
+                    qk_layernorm=True, refuse=(
+                        ("attention_bias", "Qwen3 with q/k/v/o biases has no TensorRT-LLM "
+                         "counterpart (QWenForCausalLM's Qwen3 has none); convert a config with "
+                         "attention_bias false"), _QWEN_WINDOW),
+                    **{**_LLAMA_STYLE, "layer": {**_LAYER, **_QK_NORMS}}),
+    "mistral": Family("MistralForCausalLM", "mistral", qkv_bias=False, mlp_bias=False,
+                      sliding_window=True, **_LLAMA_STYLE),
+}
+GPT2 = "GPT2LMHeadModel"
+SUPPORTED = {**{f.architecture: name for name, f in FAMILIES.items()}, GPT2: "gpt2"}
+
+
 # ----------------------------------------------------------------------------- configs
 
 
 def architecture(hf_config: dict) -> str:
+    """Our name of the config's family (a key of :data:`FAMILIES`, or ``gpt2``)."""
     names = hf_config.get("architectures") or []
     for name in names:
         if name in SUPPORTED:
@@ -67,6 +143,56 @@ def architecture(hf_config: dict) -> str:
 def padded_vocab_size(vocab: int, tp: int, divisible_by: int = 128) -> int:
     multiple = divisible_by * tp
     return -(-vocab // multiple) * multiple
+
+
+def _flag(hf: dict, value: bool | str) -> bool:
+    return bool(hf.get(value, False)) if isinstance(value, str) else value
+
+
+def _windowed_layers(hf: dict) -> list[int]:
+    """The layers a config gives sliding-window attention by ``layer_types`` (transformers 5)."""
+    return [i for i, kind in enumerate(hf.get("layer_types") or []) if kind != "full_attention"]
+
+
+def _family_transformer(family: Family, hf: dict) -> dict:
+    """TransformerConfig fields of a ``model.layers`` family's HF config."""
+    arch = family.architecture
+    for key, why in family.refuse:
+        if hf.get(key):
+            raise ConversionError(f"{arch} with {key}: {hf[key]!r} is not supported: {why}")
+    windowed = _windowed_layers(hf)
+    if windowed and not family.sliding_window:
+        raise ConversionError(f"{arch} with sliding-window attention on layers {windowed} "
+                              "(layer_types) is not supported; convert a config whose "
+                              "layer_types are all full_attention")
+    if hf.get("hidden_act") != family.hidden_act:
+        raise ConversionError(f"{arch} with hidden_act {hf.get('hidden_act')!r} is not "
+                              f"supported ({family.hidden_act} only)")
+    qkv_bias, mlp_bias = _flag(hf, family.qkv_bias), _flag(hf, family.mlp_bias)
+    if isinstance(family.qkv_bias, str) and qkv_bias != mlp_bias:
+        # the HF key biases o_proj too, which megatron ties to the MLP's biases
+        raise ConversionError(f"{arch} with {family.qkv_bias} {qkv_bias} but {family.mlp_bias} "
+                              f"{mlp_bias} is not supported: megatron biases o_proj only with "
+                              "the MLP; both or neither")
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    transformer = dict(
+        num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        ffn_hidden_size=hf["intermediate_size"],
+        kv_channels=hf.get("head_dim") or hidden // heads,
+        normalization="RMSNorm" if family.normalization == "RMSNorm" else "LayerNorm",
+        layernorm_zero_centered_gamma=family.normalization == "LayerNorm1p",
+        layernorm_epsilon=float(hf.get(family.eps_key, 1e-6 if family.normalization == "RMSNorm"
+                                       else 1e-5)),
+        activation=family.activation, gated_linear_unit=len(family.fc1) == 2,
+        add_bias_linear=mlp_bias, add_qkv_bias=qkv_bias, qk_layernorm=family.qk_layernorm)
+    window = hf.get("sliding_window") if family.sliding_window else None
+    if window is not None:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ConversionError(f"{arch}: sliding_window must be a positive integer (or null "
+                                  f"for none), got {window!r}")
+        transformer["window_size"] = [window - 1, 0]  # the query and the W - 1 tokens before
+    return transformer
 
 
 def model_config_from_hf(hf: dict, tp: int = 1, divisible_by: int = 128,
@@ -88,6 +214,7 @@ def model_config_from_hf(hf: dict, tp: int = 1, divisible_by: int = 128,
             raise ConversionError(f"GPT-2 activation {hf['activation_function']!r} is not "
                                   "supported (gelu_new only)")
     else:
+        family = FAMILIES[arch]
         # transformers >= 5 nests these under rope_parameters; older configs keep them on top
         rope_params = hf.get("rope_parameters") or {}
         scaling = hf.get("rope_scaling") or (
@@ -97,32 +224,11 @@ def model_config_from_hf(hf: dict, tp: int = 1, divisible_by: int = 128,
         theta = float(rope_params.get("rope_theta", hf.get("rope_theta", 10000.0)))
         partial = float(rope_params.get("partial_rotary_factor",
                                         hf.get("partial_rotary_factor", 1.0)))
-        act = hf.get("hidden_act")
-        if act != {"llama": "silu", "nemotron": "relu2"}[arch]:
-            raise ConversionError(f"{arch} with hidden_act {act!r} is not supported")
-        hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-        transformer = dict(
-            num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
-            num_query_groups=hf.get("num_key_value_heads") or heads,
-            ffn_hidden_size=hf["intermediate_size"],
-            kv_channels=hf.get("head_dim") or hidden // heads)
-        if arch == "llama":
-            transformer.update(
-                normalization="RMSNorm", layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
-                activation="silu", gated_linear_unit=True,
-                add_bias_linear=bool(hf.get("mlp_bias", False)),
-                add_qkv_bias=bool(hf.get("attention_bias", False)))
-            if hf.get("attention_bias") != hf.get("mlp_bias", False) and hf.get("attention_bias"):
-                raise ConversionError("LLaMA with attention bias but no MLP bias (or the other "
-                                      "way) is not supported")
-            rope = dict(rotary_base=theta, rotary_percent=1.0)
-        else:  # nemotron
-            transformer.update(
-                normalization="LayerNorm", layernorm_zero_centered_gamma=True,
-                layernorm_epsilon=hf.get("norm_eps", 1e-5), activation="squared_relu",
-                add_bias_linear=bool(hf.get("mlp_bias", False)),
-                add_qkv_bias=bool(hf.get("attention_bias", False)))
-            rope = dict(rotary_base=theta, rotary_percent=partial)
+        if partial != 1.0 and not family.partial_rotary:
+            raise ConversionError(f"{family.architecture} with partial_rotary_factor {partial} "
+                                  "is not supported")
+        transformer = _family_transformer(family, hf)
+        rope = dict(rotary_base=theta, rotary_percent=partial)
         position, max_len = "rope", hf["max_position_embeddings"]
         tied, vocab = bool(hf.get("tie_word_embeddings", False)), hf["vocab_size"]
     transformer["params_dtype"] = dtype
@@ -145,7 +251,7 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
     if (t.activation == "gelu_tanh" and cfg.position_embedding_type == "learned_absolute"
             and cfg.share_embeddings_and_output_weights and t.add_bias_linear
             and t.normalization == "LayerNorm" and t.num_query_groups == heads):
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        return {"architectures": [GPT2], "model_type": "gpt2",
                 "vocab_size": vocab, "n_embd": t.hidden_size, "n_layer": t.num_layers,
                 "n_head": heads, "n_positions": cfg.max_sequence_length,
                 "n_inner": t.ffn_hidden_size, "activation_function": "gelu_new",
@@ -154,17 +260,37 @@ def hf_config_from_model_config(cfg: ModelConfig) -> dict:
                 "torch_dtype": t.params_dtype, "bos_token_id": 0, "eos_token_id": 0}
     if (t.gated_linear_unit and t.activation == "silu" and t.normalization == "RMSNorm"
             and cfg.position_embedding_type == "rope" and cfg.rotary_percent == 1.0):
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "vocab_size": vocab, "hidden_size": t.hidden_size,
-                "intermediate_size": t.ffn_hidden_size,
-                "num_hidden_layers": t.num_layers, "num_attention_heads": heads,
-                "num_key_value_heads": t.num_query_groups, "head_dim": t.kv_channels,
-                "rms_norm_eps": t.layernorm_epsilon, "hidden_act": "silu",
-                "initializer_range": t.init_method_std, "rope_theta": cfg.rotary_base,
-                "max_position_embeddings": cfg.max_sequence_length,
-                "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
-                "attention_bias": t.add_qkv_bias, "mlp_bias": t.add_bias_linear,
-                "torch_dtype": t.params_dtype}
+        window = t.window_size
+        if t.qk_layernorm and not t.add_qkv_bias and not t.add_bias_linear and not window:
+            name = "qwen3"
+        elif window and window[1] == 0 and not (t.qk_layernorm or t.add_qkv_bias
+                                                 or t.add_bias_linear):
+            name = "mistral"
+        elif t.add_qkv_bias and not (t.add_bias_linear or t.qk_layernorm or window):
+            name = "qwen2"
+        elif not (t.qk_layernorm or window):  # megatron's add_bias_linear biases qkv too
+            name = "llama"
+        else:
+            name = None
+        if name:
+            family = FAMILIES[name]
+            hf = {"architectures": [family.architecture], "model_type": family.model_type,
+                  "vocab_size": vocab, "hidden_size": t.hidden_size,
+                  "intermediate_size": t.ffn_hidden_size,
+                  "num_hidden_layers": t.num_layers, "num_attention_heads": heads,
+                  "num_key_value_heads": t.num_query_groups, "head_dim": t.kv_channels,
+                  family.eps_key: t.layernorm_epsilon, "hidden_act": family.hidden_act,
+                  "initializer_range": t.init_method_std, "rope_theta": cfg.rotary_base,
+                  "max_position_embeddings": cfg.max_sequence_length,
+                  "tie_word_embeddings": cfg.share_embeddings_and_output_weights,
+                  "torch_dtype": t.params_dtype}
+            for key, value in ((family.qkv_bias, t.add_qkv_bias or t.add_bias_linear),
+                               (family.mlp_bias, t.add_bias_linear)):
+                if isinstance(key, str):
+                    hf[key] = value
+            if family.sliding_window:
+                hf["sliding_window"] = window[0] + 1
+            return hf
     raise ConversionError("this model matches none of the Hugging Face architectures "
                           f"{', '.join(SUPPORTED)} exactly; convert it from HF to export it")
 
@@ -211,10 +337,12 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 class TensorMapping:
     """Name mapping for one architecture: ``to_mcore`` yields (mcore name, tensor) from a
-    reader of HF tensors; ``to_hf`` yields (hf name, tensor) from a reader of mcore tensors."""
+    reader of HF tensors; ``to_hf`` yields (hf name, tensor) from a reader of mcore tensors.
+    GPT-2 has its own layout; every other family is its :class:`Family` table."""
 
     def __init__(self, arch: str, hf: dict, cfg: ModelConfig):
         self.arch, self.hf, self.cfg = arch, hf, cfg
+        self.family = FAMILIES.get(arch)
         t = cfg.transformer
         self.layers = t.num_layers
         self.groups = t.num_query_groups
@@ -224,19 +352,7 @@ class TensorMapping:
         self.vocab = hf["vocab_size"]
         self.tied = cfg.share_embeddings_and_output_weights
         self.biases = t.add_bias_linear
-        self.qkv_bias = t.add_qkv_bias
-
-    # names of the HF tensors per layer
-    def _hf_layer(self, i: int) -> dict[str, str]:
-        if self.arch == "gpt2":
-            p = f"transformer.h.{i}."
-            return {"ln1": p + "ln_1", "ln2": p + "ln_2", "qkv": p + "attn.c_attn",
-                    "proj": p + "attn.c_proj", "fc1": p + "mlp.c_fc", "fc2": p + "mlp.c_proj"}
-        p = f"model.layers.{i}."
-        return {"ln1": p + "input_layernorm", "ln2": p + "post_attention_layernorm",
-                "q": p + "self_attn.q_proj", "k": p + "self_attn.k_proj",
-                "v": p + "self_attn.v_proj", "proj": p + "self_attn.o_proj",
-                "gate": p + "mlp.gate_proj", "up": p + "mlp.up_proj", "fc2": p + "mlp.down_proj"}
+        self.qkv_bias = t.add_qkv_bias or t.add_bias_linear  # megatron's rule for linear_qkv
 
     @staticmethod
     def _suffixes(bias: bool) -> tuple[str, ...]:
@@ -246,11 +362,27 @@ class TensorMapping:
         return ("weight",) if self.cfg.transformer.normalization == "RMSNorm" \
             else ("weight", "bias")
 
+    def _copied(self, i: int, linear: bool):
+        """(mcore name, HF name) of the norms (``linear`` False) or the linears a layer copies
+        as they are."""
+        m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
+        for ours, theirs in self.family.layer.items():
+            if ours.startswith(("self_attention.linear", "mlp.linear")) != linear:
+                continue
+            for s in self._suffixes(self.biases) if linear else self._norm_suffixes():
+                yield f"{m}{ours}.{s}", f"{p}{theirs}.{s}"
+
     def _embed_names(self) -> tuple[str, str | None, str, str]:
         if self.arch == "gpt2":
             return "transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f", \
                 "lm_head.weight"
         return "model.embed_tokens.weight", None, "model.norm", "lm_head.weight"
+
+    @staticmethod
+    def _gpt2_layer(i: int) -> dict[str, str]:
+        p = f"transformer.h.{i}."
+        return {"ln1": p + "ln_1", "ln2": p + "ln_2", "qkv": p + "attn.c_attn",
+                "proj": p + "attn.c_proj", "fc1": p + "mlp.c_fc", "fc2": p + "mlp.c_proj"}
 
     def to_mcore(self, get):
         """``get(hf_name)`` -> tensor. Yields (mcore state-dict name, tensor)."""
@@ -260,36 +392,41 @@ class TensorMapping:
         if wpe:
             yield "embedding.position_embeddings.weight", get(wpe)
         for i in range(self.layers):
-            n = self._hf_layer(i)
             m = f"decoder.layers.{i}."
-            for s in self._norm_suffixes():
-                yield m + f"input_layernorm.{s}", get(f"{n['ln1']}.{s}")
-                yield m + f"pre_mlp_layernorm.{s}", get(f"{n['ln2']}.{s}")
             if self.arch == "gpt2":
-                w = get(n["qkv"] + ".weight").t()  # Conv1D: [in, out]
-                q, k, v = w.split([self.q_rows, self.kv_rows, self.kv_rows])
-                yield m + "self_attention.linear_qkv.weight", qkv_to_mcore(q, k, v, self.groups)
-                b = get(n["qkv"] + ".bias")
-                q, k, v = b.split([self.q_rows, self.kv_rows, self.kv_rows])
-                yield m + "self_attention.linear_qkv.bias", qkv_to_mcore(q, k, v, self.groups)
-                for ours, theirs in (("self_attention.linear_proj", "proj"),
-                                     ("mlp.linear_fc1", "fc1"), ("mlp.linear_fc2", "fc2")):
-                    yield m + ours + ".weight", get(n[theirs] + ".weight").t()
-                    yield m + ours + ".bias", get(n[theirs] + ".bias")
+                yield from self._gpt2_to_mcore(get, i)
                 continue
+            for ours, theirs in self._copied(i, linear=False):
+                yield ours, get(theirs)
+            p = f"model.layers.{i}."
             for s in self._suffixes(self.qkv_bias):
                 yield m + f"self_attention.linear_qkv.{s}", qkv_to_mcore(
-                    get(f"{n['q']}.{s}"), get(f"{n['k']}.{s}"), get(f"{n['v']}.{s}"),
-                    self.groups)
-            for s in self._suffixes(self.biases):
-                yield m + f"self_attention.linear_proj.{s}", get(f"{n['proj']}.{s}")
-                fc1 = [get(f"{n['gate']}.{s}")] if self.arch == "llama" else []
-                yield m + f"mlp.linear_fc1.{s}", torch.cat(fc1 + [get(f"{n['up']}.{s}")])
-                yield m + f"mlp.linear_fc2.{s}", get(f"{n['fc2']}.{s}")
+                    *(get(f"{p}{name}.{s}") for name in self.family.qkv), self.groups)
+            for s in self._suffixes(self.biases):  # [gate; up] for SwiGLU
+                yield m + f"mlp.linear_fc1.{s}", torch.cat(
+                    [get(f"{p}{name}.{s}") for name in self.family.fc1])
+            for ours, theirs in self._copied(i, linear=True):
+                yield ours, get(theirs)
         for s in self._norm_suffixes():
             yield f"decoder.final_layernorm.{s}", get(f"{final_norm}.{s}")
         if not self.tied:
             yield "output_layer.weight", _pad_rows(get(head), vocab_rows)
+
+    def _gpt2_to_mcore(self, get, i: int):
+        n, m = self._gpt2_layer(i), f"decoder.layers.{i}."
+        for s in self._norm_suffixes():
+            yield m + f"input_layernorm.{s}", get(f"{n['ln1']}.{s}")
+            yield m + f"pre_mlp_layernorm.{s}", get(f"{n['ln2']}.{s}")
+        w = get(n["qkv"] + ".weight").t()  # Conv1D: [in, out]
+        q, k, v = w.split([self.q_rows, self.kv_rows, self.kv_rows])
+        yield m + "self_attention.linear_qkv.weight", qkv_to_mcore(q, k, v, self.groups)
+        b = get(n["qkv"] + ".bias")
+        q, k, v = b.split([self.q_rows, self.kv_rows, self.kv_rows])
+        yield m + "self_attention.linear_qkv.bias", qkv_to_mcore(q, k, v, self.groups)
+        for ours, theirs in (("self_attention.linear_proj", "proj"),
+                             ("mlp.linear_fc1", "fc1"), ("mlp.linear_fc2", "fc2")):
+            yield m + ours + ".weight", get(n[theirs] + ".weight").t()
+            yield m + ours + ".bias", get(n[theirs] + ".bias")
 
     def to_hf(self, get):
         """``get(mcore_name)`` -> tensor. Yields (HF name, tensor)."""
@@ -298,39 +435,42 @@ class TensorMapping:
         if wpe:
             yield wpe, get("embedding.position_embeddings.weight")
         for i in range(self.layers):
-            n = self._hf_layer(i)
             m = f"decoder.layers.{i}."
-            for s in self._norm_suffixes():
-                yield f"{n['ln1']}.{s}", get(m + f"input_layernorm.{s}")
-                yield f"{n['ln2']}.{s}", get(m + f"pre_mlp_layernorm.{s}")
-            if self.arch == "gpt2":  # c_attn: [q; k; v] over all heads, Conv1D [in, out]
-                for s in ("weight", "bias"):
-                    qkv = torch.cat(qkv_from_mcore(get(m + f"self_attention.linear_qkv.{s}"),
-                                                    self.groups, self.q_rows, self.kv_rows))
-                    yield f"{n['qkv']}.{s}", qkv.t().contiguous() if s == "weight" else qkv
-                for ours, theirs in (("self_attention.linear_proj", "proj"),
-                                     ("mlp.linear_fc1", "fc1"), ("mlp.linear_fc2", "fc2")):
-                    yield n[theirs] + ".weight", get(m + ours + ".weight").t().contiguous()
-                    yield n[theirs] + ".bias", get(m + ours + ".bias")
+            if self.arch == "gpt2":
+                yield from self._gpt2_to_hf(get, i)
                 continue
+            for linear in (False, True):
+                for ours, theirs in self._copied(i, linear):
+                    yield theirs, get(ours)
+            p = f"model.layers.{i}."
             for s in self._suffixes(self.qkv_bias):
                 parts = qkv_from_mcore(get(m + f"self_attention.linear_qkv.{s}"), self.groups,
-                                        self.q_rows, self.kv_rows)
-                for name, t in zip(("q", "k", "v"), parts, strict=True):
-                    yield f"{n[name]}.{s}", t.contiguous()
+                                       self.q_rows, self.kv_rows)
+                for name, t in zip(self.family.qkv, parts, strict=True):
+                    yield f"{p}{name}.{s}", t.contiguous()
             for s in self._suffixes(self.biases):
-                yield f"{n['proj']}.{s}", get(m + f"self_attention.linear_proj.{s}")
                 fc1 = get(m + f"mlp.linear_fc1.{s}")
-                if self.arch == "llama":  # [gate; up]
-                    gate, up = fc1.chunk(2)
-                    yield f"{n['gate']}.{s}", gate.contiguous()
-                    fc1 = up.contiguous()
-                yield f"{n['up']}.{s}", fc1
-                yield f"{n['fc2']}.{s}", get(m + f"mlp.linear_fc2.{s}")
+                parts = fc1.chunk(len(self.family.fc1))
+                for name, t in zip(self.family.fc1, parts, strict=True):
+                    yield f"{p}{name}.{s}", t.contiguous()
         for s in self._norm_suffixes():
             yield f"{final_norm}.{s}", get(f"decoder.final_layernorm.{s}")
         if not self.tied:
             yield head, get("output_layer.weight")[:self.vocab]
+
+    def _gpt2_to_hf(self, get, i: int):
+        n, m = self._gpt2_layer(i), f"decoder.layers.{i}."
+        for s in self._norm_suffixes():
+            yield f"{n['ln1']}.{s}", get(m + f"input_layernorm.{s}")
+            yield f"{n['ln2']}.{s}", get(m + f"pre_mlp_layernorm.{s}")
+        for s in ("weight", "bias"):  # c_attn: [q; k; v] over all heads, Conv1D [in, out]
+            qkv = torch.cat(qkv_from_mcore(get(m + f"self_attention.linear_qkv.{s}"),
+                                           self.groups, self.q_rows, self.kv_rows))
+            yield f"{n['qkv']}.{s}", qkv.t().contiguous() if s == "weight" else qkv
+        for ours, theirs in (("self_attention.linear_proj", "proj"),
+                             ("mlp.linear_fc1", "fc1"), ("mlp.linear_fc2", "fc2")):
+            yield n[theirs] + ".weight", get(m + ours + ".weight").t().contiguous()
+            yield n[theirs] + ".bias", get(m + ours + ".bias")
 
 
 # ----------------------------------------------------------------------------- reading HF

@@ -107,7 +107,11 @@ class TransformerFields:
     layernorm_zero_centered_gamma: bool = False
     add_bias_linear: bool = True
     add_qkv_bias: bool = False
-    qk_layernorm: bool = False
+    qk_layernorm: bool = False  # per-head RMSNorm/LayerNorm of queries and keys (Qwen3)
+    # sliding-window attention as megatron takes it: [tokens to the left, to the right] of the
+    # query, so Mistral's ``sliding_window`` W is [W - 1, 0]; None: full causal attention.
+    # Written only when set, so files of models without a window stay readable by older code.
+    window_size: list[int] | None = None
     params_dtype: str = "float32"  # the dtype the weights were written in
     # std of the normal initialisation of a freshly built model (megatron's init_method_std;
     # HF's initializer_range); only a model trained from scratch uses it
@@ -140,6 +144,14 @@ class TransformerFields:
         for name in ("gated_linear_unit", "layernorm_zero_centered_gamma", "add_bias_linear",
                      "add_qkv_bias", "qk_layernorm"):
             _check_type(f"transformer.{name}", getattr(self, name), bool)
+        if self.window_size is not None:
+            window = self.window_size
+            if not (isinstance(window, (list, tuple)) and len(window) == 2
+                    and all(isinstance(w, int) and not isinstance(w, bool) and w >= 0
+                            for w in window)):
+                raise ModelConfigError("model config: transformer.window_size must be two "
+                                       f"non-negative integers [left, right], got {window!r}")
+            self.window_size = list(window)
 
     @classmethod
     def from_dict(cls, data: dict) -> TransformerFields:
@@ -205,6 +217,8 @@ class ModelConfig:
         on_cpu = device is None or torch.device(device).type == "cpu"
         shape = asdict(self.transformer)
         shape["activation_func"] = ACTIVATIONS[shape.pop("activation")]
+        if shape["window_size"] is not None:
+            shape["window_size"] = tuple(shape["window_size"])  # megatron's type
         dtype = params_dtype or getattr(torch, shape.pop("params_dtype"))
         shape.update(hidden_dropout=0.0, attention_dropout=0.0,
                      tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -213,12 +227,16 @@ class ModelConfig:
                      use_cpu_initialization=on_cpu, sequence_parallel=sequence_parallel,
                      batch_p2p_comm=not on_cpu)  # CPU: no CUDA sync in p2p
         shape.update(overrides)
+        if shape.get("window_size"):  # megatron's fused softmax kernel ignores the window
+            shape["masked_softmax_fusion"] = False
         return TransformerConfig(**shape)
 
     def to_dict(self) -> dict:
         """The current file layout: ``version`` first, then the fields in dataclass order."""
         data = asdict(self)
         del data["version"]
+        if data["transformer"]["window_size"] is None:
+            del data["transformer"]["window_size"]
         return {"version": VERSION, **data}
 
     @classmethod

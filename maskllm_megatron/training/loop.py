@@ -109,15 +109,16 @@ def train(args: TrainArgs) -> dict:
     """Run (or resume) training in the running process group, laid out as the arguments ask;
     returns the final metrics. A run that fails before its first checkpoint removes the
     ``--save`` directory it made, so nothing half-made is left to resume from."""
-    _check_inputs(args)
+    check_inputs(args)
     layout = distributed.use_layout(args.tensor_model_parallel_size,
                                     args.pipeline_model_parallel_size, args.seed, what="train")
     with removed_on_failure(args.save, done=lambda: (Path(args.save) / "latest").exists()):
         return _train(args, layout)
 
 
-def _check_inputs(args: TrainArgs) -> None:
-    """The paths the run reads, before anything is built: each missing one is named."""
+def check_inputs(args: TrainArgs) -> None:
+    """The paths the run reads, before anything is built: each missing one is named (also
+    called by ``maskllm train`` before it imports a mask file as the prior)."""
     if args.model_config is None and args.load is None:
         raise InputError("give --model-config (or --load with a model_config.json)")
     for path, what in ((args.model_config, "model config (--model-config)"),
@@ -126,9 +127,11 @@ def _check_inputs(args: TrainArgs) -> None:
         if path:
             require_path(path, what)
     if args.prior and Path(args.prior).is_file():  # a mask file: a checkpoint is needed
-        raise InputError(f"--prior {args.prior} is a file; --prior takes a checkpoint directory. "
-                         f"Import the masks first: maskllm import-masks {args.prior} --load "
-                         "CKPT --save OUT, then give --prior OUT/masks")
+        raise InputError(f"--prior {args.prior} is a file; train() takes a checkpoint "
+                         "directory (the `maskllm train` command imports mask files itself). "
+                         "Import it first: deploy.import_masks.import_prior(FILE, LOAD, OUT), "
+                         "or `maskllm import-masks FILE --load LOAD --save OUT` and --prior "
+                         "OUT/masks")
     if not args.data_path:
         raise InputError("give --data-path: indexed datasets written by `maskllm preprocess`")
     for prefix in parse_blend(args.data_path)[0]:

@@ -85,6 +85,27 @@ def test_the_npz_becomes_fixed_masks_bitwise_and_trim_takes_it(made, tmp_path):
     assert main(["trim", str(root / "imported" / "pruned"), "--out", str(tmp_path / "t")]) == 0
 
 
+def test_eval_ppl_scores_the_imported_model_with_its_masks(made, corpus, tmp_path, capsys):
+    """The pruned weights are already zero outside the masks: masks on or off, the same PPL;
+    the dense model scores differently."""
+    root = made[0]
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join((corpus / "text.txt").read_text().splitlines()[:20]))
+
+    def ppl(load, masks):
+        capsys.readouterr()
+        assert main(["eval-ppl", "--load", str(load), "--text", str(text),
+                     "--tokenizer", str(corpus / "spm.model"), "--seq-length", "32",
+                     "--masks", masks, "--no-progress"]) == 0
+        row = capsys.readouterr().out.strip().splitlines()[-1].split()
+        return row[1], float(row[-1])
+
+    kind, pruned = ppl(root / "imported" / "pruned", "auto")
+    assert kind == "fixed"
+    assert ppl(root / "imported" / "pruned", "dense")[1] == pytest.approx(pruned, rel=1e-5)
+    assert ppl(root / "mcore", "auto")[1] != pytest.approx(pruned, rel=1e-3)
+
+
 def test_our_packed_masks_import_the_same(made, tmp_path):
     root, masks, _, _ = made
     assert main(["export", "hf", "--load", str(root / "imported" / "pruned"), "--out",
@@ -118,11 +139,49 @@ def test_a_bad_entry_is_one_error_line_naming_it(made, tmp_path, capsys, case):
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_train_prior_names_the_import_for_a_mask_file(made, tmp_path, capsys):
+def test_train_takes_the_npz_as_its_prior(made, corpus, tmp_path, capsys):
+    """``train --prior mask_compressed.npz``: the masks land in SAVE/prior_masks, equal to
+    import-masks' own, and bias the logits: the run's argmax is the imported mask."""
+    from run_files import final_logits, plain_tensors
+
+    root = made[0]
+    run = tmp_path / "run"
+    assert main(["train", "--load", str(root / "mcore"), "--prior",
+                 str(root / "mask_compressed.npz"), "--data-path", str(corpus / "data" / "docs"),
+                 "--tokenizer", str(corpus / "spm.model"), "--seq-length", "32",
+                 "--global-batch-size", "2", "--train-iters", "2", "--lr-warmup-iters", "1",
+                 "--save", str(run), "--no-progress"]) == 0
+    assert "prior: 14 2:4 masks from" in capsys.readouterr().out
+    ours = plain_tensors(run / "prior_masks")
+    theirs = plain_tensors(root / "imported" / "masks")
+    indices = sorted(k for k in theirs if k.endswith("mask_indices"))
+    assert indices and sorted(k for k in ours if k.endswith("mask_indices")) == indices
+    assert all(torch.equal(ours[k], theirs[k]) for k in indices)
+    for key, logits in final_logits(run, 2).items():  # without a prior: 1 in 6 agree
+        prior = theirs[key.replace("mask_logits", "mask_indices")].long()
+        assert (logits.argmax(-1) == prior).float().mean() > 0.9, key
+
+
+def test_a_mask_file_prior_needs_the_model_it_was_made_for(made, corpus, tmp_path, capsys):
     root = made[0]
     capsys.readouterr()
-    assert main(["train", "--load", str(root / "mcore"), "--prior",
-                 str(root / "mask_compressed.npz"), "--data-path", str(tmp_path / "d"),
+    assert main(["train", "--model-config", str(root / "mcore"), "--prior",
+                 str(root / "mask_compressed.npz"), "--data-path", str(corpus / "data" / "docs"),
                  "--save", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "import-masks" in err and not (tmp_path / "run").exists()
+    assert "give --load" in err and not (tmp_path / "run").exists()
+
+
+def test_other_masks_onto_a_pruned_checkpoint_are_refused(made, tmp_path, capsys):
+    """Its weights are already zero outside its own masks: the import would keep them."""
+    root, masks, arrays, _ = made
+    name = "model.layers.0.mlp.down_proj.weight"
+    arrays = dict(arrays)
+    arrays[name + ".mask"] = np.packbits(masks[name].flip(-1).numpy().reshape(-1))
+    np.savez(tmp_path / "other.npz", **arrays)
+    capsys.readouterr()
+    assert main(["import-masks", str(tmp_path / "other.npz"), "--load",
+                 str(root / "imported" / "pruned"), "--save", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "already pruned" in err and "decoder.layers.0.mlp.linear_fc2" in err
+    assert not (tmp_path / "out").exists()

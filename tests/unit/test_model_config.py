@@ -72,6 +72,8 @@ def test_init_method_std_reaches_megatron_and_round_trips(tmp_path):
     ({"init_method_std": 0.0}, "transformer.init_method_std must be positive"),
     ({"init_method_std": "0.02"}, "transformer.init_method_std must be"),
     ({"hidden_dropout": 0.1}, r"unknown transformer fields \['hidden_dropout'\]"),
+    ({"window_size": [6]}, "transformer.window_size must be two non-negative integers"),
+    ({"window_size": [6, -1]}, "transformer.window_size must be two non-negative integers"),
 ])
 def test_bad_transformer_fields_name_the_field(tmp_path, change, message):
     data = json.loads(json.dumps(VERSION_1))
@@ -100,3 +102,19 @@ def test_missing_required_fields_are_named():
         ModelConfig.from_dict({**VERSION_1, "transformer": transformer})
     with pytest.raises(ModelConfigError, match="lacks a positive vocab_size"):
         ModelConfig.from_dict({k: v for k, v in VERSION_1.items() if k != "vocab_size"})
+
+
+def test_a_sliding_window_reaches_megatron_without_the_fused_softmax(tmp_path):
+    """Mistral's window: saved only when set (files without one stay readable by older code),
+    handed to megatron as a tuple, and never with the fused softmax kernel that ignores it."""
+    cfg = ModelConfig.from_dict(VERSION_1)
+    cfg.save(tmp_path / "full")
+    assert "window_size" not in json.loads(
+        (tmp_path / "full" / "model_config.json").read_text())["transformer"]
+    assert cfg.transformer_config().window_size is None
+    cfg.transformer.window_size = [6, 0]
+    cfg.save(tmp_path / "windowed")
+    again = ModelConfig.load(tmp_path / "windowed")
+    assert again.transformer.window_size == [6, 0]
+    config = again.transformer_config(masked_softmax_fusion=True)
+    assert config.window_size == (6, 0) and not config.masked_softmax_fusion
