@@ -184,7 +184,8 @@ def plot_training_log(log_path: Path, png_path: Path) -> Path | None:
     flips = [(r["iteration"], r["flip_rate"]) for r in rows if "flip_rate" in r]
     if flips:
         axes[1].plot(*zip(*flips, strict=True))
-        axes[1].set_yscale("log")
+        if any(rate > 0 for _, rate in flips):  # a log axis needs a positive value
+            axes[1].set_yscale("log")
     axes[1].set_xlabel("iteration")
     axes[1].set_title("share of groups whose argmax flipped")
     fig.tight_layout()

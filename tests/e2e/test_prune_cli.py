@@ -1,4 +1,5 @@
-"""`maskllm prune` and `maskllm eval-ppl` end to end on a small trained model (subprocesses)."""
+"""`maskllm prune` and `maskllm eval-ppl` end to end on a small trained model (subprocesses,
+and the CLI in-process where a test chains several commands)."""
 
 import json
 import random
@@ -59,8 +60,8 @@ print(json.dumps(result))
 """
 
 
-def test_one_shot_baselines_order_and_feed_training(corpus, trained, tmp_path):
-    import json
+def test_one_shot_baselines_order_and_feed_training(corpus, trained, tmp_path, capsys):
+    from maskllm_megatron.cli import main
 
     proc = _run([str(corpus), str(trained), str(tmp_path)], script=BASELINES)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -71,17 +72,22 @@ def test_one_shot_baselines_order_and_feed_training(corpus, trained, tmp_path):
     # than either score-only method. Wanda vs magnitude is too close here to assert.
     assert all(losses[k] > losses["dense"] for k in losses if k != "dense")
     assert losses["sparsegpt+update"] < min(losses["magnitude"], losses["wanda"])
-    # the CLI prints the library's report: one table row per shard
-    cli = _prune(corpus, trained, "magnitude", tmp_path / "cli")
-    assert cli.returncode == 0 and len(re.findall(r" 50\.0%", cli.stdout)) == 8
+    # the CLI prints the library's report: one table row per shard (the CLI in this process
+    # from here on: the subprocess above and the tests below cover the process boundary)
+    capsys.readouterr()
+    assert main(["prune", "--method", "magnitude", "--load", str(trained / "dense"),
+                 "--model-config", str(corpus / "model"), "--data-path",
+                 str(corpus / "data" / "docs"), "--seq-length", "32", "--save",
+                 str(tmp_path / "cli"), "--no-progress"]) == 0
+    assert len(re.findall(r" 50\.0%", capsys.readouterr().out)) == 8
 
     # the masks checkpoint is a prior for mask learning
     run = tmp_path / "learn"
-    _run(["train", "--model-config", str(corpus / "model"), "--data-path",
-          str(corpus / "data" / "docs"), "--split", "90,10,0", "--micro-batch-size", "2",
-          "--global-batch-size", "2", "--seq-length", "32", "--train-iters", "1", "--lr", "1e-9",
-          "--load", str(trained / "dense"), "--prior", str(tmp_path / "wanda" / "masks"),
-          "--save", str(run), "--no-progress"])
+    assert main(["train", "--model-config", str(corpus / "model"), "--data-path",
+                 str(corpus / "data" / "docs"), "--split", "90,10,0", "--micro-batch-size", "2",
+                 "--global-batch-size", "2", "--seq-length", "32", "--train-iters", "1",
+                 "--lr", "1e-9", "--load", str(trained / "dense"), "--prior",
+                 str(tmp_path / "wanda" / "masks"), "--save", str(run), "--no-progress"]) == 0
     from run_files import plain_tensors
 
     learned = plain_tensors(run / "iter_0000001" / "model")
@@ -90,8 +96,10 @@ def test_one_shot_baselines_order_and_feed_training(corpus, trained, tmp_path):
         logits = learned[key.replace("mask_indices", "mask_logits")]
         agree = (logits.argmax(-1) == indices.long()).float().mean()
         assert agree > 0.9, f"{key}: only {agree:.0%} of groups start at the prior"
-    out = _run(["eval-ppl", "--load", str(run), "--model-config", str(corpus / "model"),
-                "--text", str(trained / "heldout.txt"), "--no-progress"]).stdout
+    capsys.readouterr()
+    assert main(["eval-ppl", "--load", str(run), "--model-config", str(corpus / "model"),
+                 "--text", str(trained / "heldout.txt"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
     assert out.strip().splitlines()[-1].split()[1] == "hard"  # argmax of the learned logits
 
 
