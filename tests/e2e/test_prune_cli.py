@@ -25,11 +25,20 @@ def trained(corpus, tmp_path_factory):
     return root
 
 
-def _prune(corpus, trained, method, save, *extra):
-    return _run(["prune", "--method", method, "--load", str(trained / "dense"),
-                 "--model-config", str(corpus / "model"), "--data-path",
-                 str(corpus / "data" / "docs"), "--seq-length", "32", "--save", str(save),
-                 "--no-progress", *extra], check=False)
+def _cli(capsys, *args):
+    """``maskllm ARGS`` in this process (no start-up cost): (exit code, stdout, stderr)."""
+    from maskllm_megatron.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _prune(capsys, corpus, trained, method, save, *extra, load=None):
+    return _cli(capsys, "prune", "--method", method, "--load", load or trained / "dense",
+                "--model-config", corpus / "model", "--data-path", corpus / "data" / "docs",
+                "--seq-length", "32", "--save", save, "--no-progress", *extra)
 
 
 BASELINES = """
@@ -61,8 +70,6 @@ print(json.dumps(result))
 
 
 def test_one_shot_baselines_order_and_feed_training(corpus, trained, tmp_path, capsys):
-    from maskllm_megatron.cli import main
-
     proc = _run([str(corpus), str(trained), str(tmp_path)], script=BASELINES)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     losses = {name: r["loss"] for name, r in result.items()}
@@ -74,20 +81,17 @@ def test_one_shot_baselines_order_and_feed_training(corpus, trained, tmp_path, c
     assert losses["sparsegpt+update"] < min(losses["magnitude"], losses["wanda"])
     # the CLI prints the library's report: one table row per shard (the CLI in this process
     # from here on: the subprocess above and the tests below cover the process boundary)
-    capsys.readouterr()
-    assert main(["prune", "--method", "magnitude", "--load", str(trained / "dense"),
-                 "--model-config", str(corpus / "model"), "--data-path",
-                 str(corpus / "data" / "docs"), "--seq-length", "32", "--save",
-                 str(tmp_path / "cli"), "--no-progress"]) == 0
-    assert len(re.findall(r" 50\.0%", capsys.readouterr().out)) == 8
+    code, out, _ = _prune(capsys, corpus, trained, "magnitude", tmp_path / "cli")
+    assert code == 0 and len(re.findall(r" 50\.0%", out)) == 8
 
     # the masks checkpoint is a prior for mask learning
     run = tmp_path / "learn"
-    assert main(["train", "--model-config", str(corpus / "model"), "--data-path",
-                 str(corpus / "data" / "docs"), "--split", "90,10,0", "--micro-batch-size", "2",
-                 "--global-batch-size", "2", "--seq-length", "32", "--train-iters", "1",
-                 "--lr", "1e-9", "--load", str(trained / "dense"), "--prior",
-                 str(tmp_path / "wanda" / "masks"), "--save", str(run), "--no-progress"]) == 0
+    code, _, err = _cli(capsys, "train", "--model-config", corpus / "model", "--data-path",
+                        corpus / "data" / "docs", "--split", "90,10,0", "--micro-batch-size",
+                        "2", "--global-batch-size", "2", "--seq-length", "32", "--train-iters",
+                        "1", "--lr", "1e-9", "--load", trained / "dense", "--prior",
+                        tmp_path / "wanda" / "masks", "--save", run, "--no-progress")
+    assert code == 0, err[-3000:]
     from run_files import plain_tensors
 
     learned = plain_tensors(run / "iter_0000001" / "model")
@@ -96,32 +100,31 @@ def test_one_shot_baselines_order_and_feed_training(corpus, trained, tmp_path, c
         logits = learned[key.replace("mask_indices", "mask_logits")]
         agree = (logits.argmax(-1) == indices.long()).float().mean()
         assert agree > 0.9, f"{key}: only {agree:.0%} of groups start at the prior"
-    capsys.readouterr()
-    assert main(["eval-ppl", "--load", str(run), "--model-config", str(corpus / "model"),
-                 "--text", str(trained / "heldout.txt"), "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    code, out, _ = _cli(capsys, "eval-ppl", "--load", run, "--model-config", corpus / "model",
+                        "--text", trained / "heldout.txt", "--no-progress")
+    assert code == 0
     assert out.strip().splitlines()[-1].split()[1] == "hard"  # argmax of the learned logits
 
 
-def test_bad_prune_input_is_a_clear_error(corpus, trained, tmp_path):
-    proc = _prune(corpus, trained, "obs", tmp_path / "x")
-    assert proc.returncode == 2 and "magnitude, wanda, sparsegpt" in proc.stderr
-    proc = _prune(corpus, trained, "wanda", tmp_path / "y", "--calib-samples", "100000")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: maskllm prune: ")
-    counts = re.search(r"= (\d+) tokens, but .* holds (\d+)", proc.stderr)
+def test_bad_prune_input_is_a_clear_error(corpus, trained, tmp_path, capsys):
+    code, _, err = _prune(capsys, corpus, trained, "obs", tmp_path / "x")
+    assert code == 2 and "magnitude, wanda, sparsegpt" in err
+    code, _, err = _prune(capsys, corpus, trained, "wanda", tmp_path / "y", "--calib-samples",
+                          "100000")
+    assert code == 2 and err.startswith("error: maskllm prune: ")
+    counts = re.search(r"= (\d+) tokens, but .* holds (\d+)", err)
     assert counts and int(counts[1]) == 100000 * 33 and int(counts[2]) < int(counts[1])
     assert not (tmp_path / "y").exists()  # nothing written
 
 
-def test_a_dense_checkpoint_prunes_at_any_pattern(corpus, trained, tmp_path):
+def test_a_dense_checkpoint_prunes_at_any_pattern(corpus, trained, tmp_path, capsys):
     """Dense training (masks off) stores 2:4 mask tensors that never trained: pruning it at 1:4
     reads only its weights. A checkpoint whose masks mean something keeps its pattern."""
-    proc = _prune(corpus, trained, "magnitude", tmp_path / "p14", "--N", "1", "--M", "4")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = _prune(capsys, corpus, trained, "magnitude", tmp_path / "p14", "--N", "1",
+                          "--M", "4")
+    assert code == 0, err[-3000:]
     sidecar = json.loads((tmp_path / "p14" / "pruned" / "maskllm.json").read_text())
     assert sidecar["pattern"] == "1:4"
-    proc = _run(["prune", "--method", "magnitude", "--load", str(tmp_path / "p14" / "pruned"),
-                 "--model-config", str(corpus / "model"), "--data-path",
-                 str(corpus / "data" / "docs"), "--seq-length", "32", "--save",
-                 str(tmp_path / "again"), "--no-progress"], check=False)
-    assert proc.returncode == 2 and "holds 1:4 masks" in proc.stderr, proc.stderr[-3000:]
+    code, _, err = _prune(capsys, corpus, trained, "magnitude", tmp_path / "again",
+                          load=tmp_path / "p14" / "pruned")
+    assert code == 2 and "holds 1:4 masks" in err, err[-3000:]
