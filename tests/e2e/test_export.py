@@ -231,16 +231,22 @@ def test_layouts_that_break_the_pattern_or_heads_are_refused():
         check_layout(cfg, 8, 1, P24)
 
 
-def test_trim_turns_a_training_run_into_hard_masks(exported, corpus, tmp_path):
+def test_trim_turns_a_training_run_into_hard_masks(exported, corpus, tmp_path, capsys):
+    """train -> trim -> export trtllm, the CLI in this process (no start-up cost per command)."""
+    from maskllm_megatron.cli import main
+
     _, base = exported["llama"]
     run = tmp_path / "run"
-    _run(["train", "--load", str(base / "mcore"), "--data-path", str(corpus / "data" / "docs"),
-          "--split", "90,10,0", "--micro-batch-size", "2", "--global-batch-size", "2",
-          "--seq-length", "32", "--train-iters", "2", "--save", str(run), "--no-progress",
-          "--tokenizer", str(corpus / "spm.model")])
-    proc = _run(["trim", str(run), "--out", str(tmp_path / "trimmed")])
-    assert re.search(r"total .* 50\.0%", proc.stdout)
-    assert "dropped" in proc.stdout and "MiB of optimizer state" in proc.stdout
+    assert main(["train", "--load", str(base / "mcore"), "--data-path",
+                 str(corpus / "data" / "docs"), "--split", "90,10,0", "--micro-batch-size", "2",
+                 "--global-batch-size", "2", "--seq-length", "32", "--train-iters", "2",
+                 "--save", str(run), "--no-progress", "--tokenizer",
+                 str(corpus / "spm.model")]) == 0
+    capsys.readouterr()
+    assert main(["trim", str(run), "--out", str(tmp_path / "trimmed")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"total .* 50\.0%", out)
+    assert "dropped" in out and "MiB of optimizer state" in out
     from run_files import plain_tensors
 
     logits = plain_tensors(run / "iter_0000002" / "model")
@@ -250,8 +256,9 @@ def test_trim_turns_a_training_run_into_hard_masks(exported, corpus, tmp_path):
     assert len(indices) == 4
     for key, value in indices.items():
         assert torch.equal(value.long(), logits[key.replace("indices", "logits")].argmax(-1))
-    _run(["export", "trtllm", "--load", str(tmp_path / "trimmed"), "--out",
-          str(tmp_path / "trt"), "--tp", "2", "--dtype", "bfloat16", "--no-progress"])
+    assert main(["export", "trtllm", "--load", str(tmp_path / "trimmed"), "--out",
+                 str(tmp_path / "trt"), "--tp", "2", "--dtype", "bfloat16",
+                 "--no-progress"]) == 0
     assert validate_trtllm(tmp_path / "trt").ok
 
 
