@@ -66,10 +66,17 @@ def run_reported(name: str, fn: Callable[[], int], debug: bool = False) -> int:
     except Exception as err:  # noqa: BLE001 - the one place the CLI turns errors into codes
         if not is_user_error(err):
             traceback.print_exc()
-            print(f"maskllm {name}: internal error ({type(err).__name__}); the traceback above "
-                  "is a bug, please report it", file=sys.stderr)
+            _say(f"maskllm {name}: internal error ({type(err).__name__}); the traceback above "
+                 "is a bug, please report it")
             return BUG_EXIT
         if debug:
             traceback.print_exc()
-        print(f"error: maskllm {name}: {one_line(err)}", file=sys.stderr)
+        _say(f"error: maskllm {name}: {one_line(err)}")
         return USER_ERROR_EXIT
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: under torchrun (unbuffered stderr) ``print`` writes the
+    text and its newline separately, and two ranks' lines could run into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
