@@ -190,8 +190,8 @@ class MegatronLM(TemplateLM):
         scored = torch.zeros((b, length), dtype=torch.bool, device=self._device)
         for i, (row, (start, targets)) in enumerate(zip(rows, spans, strict=True)):
             batch[i, :len(row)] = torch.tensor(row, dtype=torch.long, device=self._device)
-            labels[i, start:start + len(targets)] = torch.tensor(targets, dtype=torch.long,
-                                                                 device=self._device)
+            target_ids = torch.tensor(targets, dtype=torch.long, device=self._device)
+            labels[i, start:start + len(targets)] = target_ids
             scored[i, start:start + len(targets)] = True
         out = torch.zeros((b, 2), dtype=torch.float64, device=self._device)
 
