@@ -21,24 +21,21 @@ P24 = NMPattern(2, 4)
 
 
 EXPORTS = """
-import argparse, sys
+import sys
 from maskllm_megatron.interop import hf as convert
 from maskllm_megatron.deploy import export
 from maskllm_megatron import distributed
 from maskllm_megatron.cpu_shims import cpu_shims
+from maskllm_megatron.cli import parse_args
 from maskllm_megatron.pruning.oneshot import prune_checkpoint
 base = sys.argv[1]
 load, out = f"{base}/pruned/pruned", base
 with cpu_shims():  # maskllm convert, prune --method magnitude, export: one process
     distributed.init_distributed(device="cpu")
     convert.hf_to_mcore(f"{base}/hf", f"{base}/mcore", progress=False)
-    prune_checkpoint(argparse.Namespace(
-        method="magnitude", load=f"{base}/mcore", save=f"{base}/pruned", model_config=None,
-        tokenizer=None, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        seq_length=None, micro_batch_size=1, N=2, M=4, seed=1234, progress=False,
-        device="cpu", bf16=False, fp16=False, fp32=False, sequence_parallel=False,
-        transformer_impl=None, data_path=[], calib_samples=0, update_weights=False,
-        row_parallel_hessian="gather"))
+    prune_checkpoint(parse_args([  # the flags `maskllm prune` takes
+        "prune", "--method", "magnitude", "--load", f"{base}/mcore", "--save",
+        f"{base}/pruned", "--device", "cpu", "--no-progress"]))
     loaded = export.load_for_export(load)
     for tp, pp in ((1, 1), (2, 1), (2, 2)):
         export.export_trtllm(load, f"{out}/trt-{tp}-{pp}", tp, pp, "float32", loaded=loaded,
