@@ -46,6 +46,7 @@ from maskllm_megatron.model.layers import (
     set_mask_mode,
     sparse_layers,
 )
+from maskllm_megatron.paths import write_file_atomically
 
 SIDECAR = "maskllm.json"
 FORMAT_VERSION = 1
@@ -143,9 +144,7 @@ def save_model(model, path: str | Path, masks_only: bool = False) -> None:
         sidecar = {"format": FORMAT_VERSION, "pattern": patterns.pop() if patterns else None,
                    "mask_modes": modes,  # "dense": the masks were off (dense training)
                    "mask_tensors": dict(sorted(masks.items()))}
-        tmp = path / (SIDECAR + ".tmp")
-        tmp.write_text(json.dumps(sidecar, indent=1))
-        tmp.replace(path / SIDECAR)
+        write_file_atomically(path / SIDECAR, json.dumps(sidecar, indent=1))
         seal(path)  # adds the sidecar to the manifest
     if dist.is_initialized():
         dist.barrier()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from maskllm_megatron.errors import CheckpointError, InputError
+from maskllm_megatron.paths import write_file_atomically
 
 FILENAME = "model_config.json"
 VERSION = 2  # 1: no "version" key, optional sizes may be absent
@@ -254,12 +255,8 @@ class ModelConfig:
                       "version": data.get("version", 1)})
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / FILENAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        return write_file_atomically(Path(directory) / FILENAME,
+                                     json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:

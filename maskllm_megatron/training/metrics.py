@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from maskllm_megatron import distributed
 from maskllm_megatron.model.layers import sparse_layers
+from maskllm_megatron.paths import write_file_atomically
 from maskllm_megatron.training.args import TrainArgs
 from maskllm_megatron.training.optim import ShardedAdamW
 
@@ -156,9 +157,7 @@ def _drop_records_after(log_path: Path, iteration: int) -> None:
         return
     lines = [line for line in log_path.read_text().splitlines()
              if line.strip() and json.loads(line)["iteration"] <= iteration]
-    tmp = log_path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(log_path)
+    write_file_atomically(log_path, "".join(line + "\n" for line in lines))
 
 
 def plot_training_log(log_path: Path, png_path: Path) -> Path | None:
